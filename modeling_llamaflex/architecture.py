@@ -1,0 +1,172 @@
+"""Architectures: one choice per elastic axis, their parameter counts, the budget loss, and the search
+over the (small) grid of choices that backs up the routers (DESIGN.md §3.3, §3.5)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .configuration_llamaflex import AXES, LlamaFlexConfig
+
+
+def count_parameters(config: LlamaFlexConfig, hidden, heads, mlp, depth):
+    """Non-embedding parameters of a uniform Llama with these sizes (closed form, DESIGN.md §3.5).
+
+    P = k·(2·h·n_q·d + 2·h·n_kv·d + 3·h·f + 2·h) + h, plus biases where the parent has them. Works on
+    ints (exact count) and on tensors (expected count: pass each width's expectation under the routers;
+    choices on different axes are independent, so the expectation of the product is the product of the
+    expectations).
+    """
+    d, n_kv = config.head_dim, config.num_key_value_heads
+    per_layer = 2 * hidden * heads * d + 2 * hidden * n_kv * d + 3 * hidden * mlp + 2 * hidden
+    if config.attention_bias:
+        per_layer = per_layer + heads * d + 2 * n_kv * d + hidden
+    if config.mlp_bias:
+        per_layer = per_layer + 2 * mlp + hidden
+    return depth * per_layer + hidden
+
+
+def exportable(config: LlamaFlexConfig, hidden: int, heads: int) -> bool:
+    """transformers' LlamaConfig requires hidden_size to be a multiple of num_attention_heads."""
+    return hidden % heads == 0
+
+
+@dataclass
+class Architecture:
+    """One sub-model: a choice per axis, the layers it keeps, and its non-embedding parameter count."""
+
+    hidden: int
+    heads: int
+    mlp: int
+    depth: int
+    kept_layers: tuple[int, ...]
+    num_parameters: int
+    budget: float | None = None
+    target_parameters: int | None = None
+    note: str = ""
+    indices: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("indices")
+        data["kept_layers"] = list(self.kept_layers)
+        return data
+
+    def __str__(self) -> str:
+        text = (
+            f"hidden={self.hidden} heads={self.heads} mlp={self.mlp} depth={self.depth} "
+            f"layers={list(self.kept_layers)} params={self.num_parameters:,}"
+        )
+        if self.target_parameters:
+            text += f" (target {self.target_parameters:,}, budget {self.budget:g})"
+        return text + (f" [{self.note}]" if self.note else "")
+
+
+def make_architecture(config: LlamaFlexConfig, indices: dict[str, int], **info) -> Architecture:
+    """The architecture that takes choice `indices[axis]` on every axis."""
+    values = {axis: config.choices[axis][indices[axis]] for axis in AXES}
+    kept = tuple(sorted(config.layer_ranking[: values["depth"]]))
+    params = count_parameters(config, values["hidden"], values["heads"], values["mlp"], values["depth"])
+    return Architecture(**values, kept_layers=kept, num_parameters=int(params), indices=dict(indices), **info)
+
+
+def full_architecture(config: LlamaFlexConfig, **info) -> Architecture:
+    return make_architecture(config, {axis: len(config.choices[axis]) - 1 for axis in AXES}, **info)
+
+
+def _grid(config: LlamaFlexConfig):
+    """Every exportable combination of choices with its parameter count (the product space is small)."""
+    choices = config.choices
+    for combo in itertools.product(*(range(len(choices[a])) for a in AXES)):
+        idx = dict(zip(AXES, combo))
+        vals = {a: choices[a][i] for a, i in idx.items()}
+        if exportable(config, vals["hidden"], vals["heads"]):
+            yield idx, count_parameters(config, vals["hidden"], vals["heads"], vals["mlp"], vals["depth"])
+
+
+def smallest_budget(config: LlamaFlexConfig) -> float:
+    """The smallest budget any exportable architecture reaches, as a fraction of the parent."""
+    return min(p for _, p in _grid(config)) / config.parent_parameters()
+
+
+def search_architecture(
+    config: LlamaFlexConfig, budget: float, scores: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, int], str]:
+    """The highest-scoring combination within the budget tolerance (router log-probabilities as scores).
+
+    If nothing lies within tolerance, the largest combination that does not overshoot it. Returns the
+    choice indices and a note saying which rule chose them.
+    """
+    parent, tol = config.parent_parameters(), config.budget_tolerance
+    target = budget * parent
+
+    def score(idx):
+        if scores is None:
+            return 0.0
+        return float(sum(scores[a][i] for a, i in idx.items()))
+
+    grid = list(_grid(config))
+    within = [(idx, p) for idx, p in grid if abs(p / target - 1) <= tol]
+    if within:
+        best = max(within, key=lambda ip: (score(ip[0]), ip[1]))
+        return best[0], f"searched: best router score within ±{tol:g} of the budget"
+    under = [(idx, p) for idx, p in grid if p <= target * (1 + tol)]
+    if not under:
+        raise ValueError(
+            f"budget {budget:g} cannot be reached: the smallest sub-model these choices allow keeps "
+            f"{smallest_budget(config):.4f} of the parent; allowed budgets are [{smallest_budget(config):.4f}, 1]"
+        )
+    best = max(under, key=lambda ip: (ip[1], score(ip[0])))
+    return best[0], f"searched: nothing within ±{tol:g}, largest combination under the budget"
+
+
+def architecture_for_logits(config: LlamaFlexConfig, budget: float, logits: dict[str, torch.Tensor]) -> Architecture:
+    """The sub-model for `budget` from the routers' logits (DESIGN.md §3.3).
+
+    Budget 1 is the parent. If the routers' argmax misses the budget by more than the tolerance (or cannot
+    be exported as a LlamaConfig), the highest-scoring combination within tolerance is taken instead and
+    `note` says so.
+    """
+    target = int(round(budget * config.parent_parameters()))
+    info = {"budget": budget, "target_parameters": target}
+    if budget >= 1.0:
+        return full_architecture(config, **info)
+    arch = make_architecture(config, {a: int(logits[a].argmax()) for a in AXES}, **info)
+    if abs(arch.num_parameters / target - 1) <= config.budget_tolerance and exportable(config, arch.hidden, arch.heads):
+        return arch
+    scores = {a: torch.log_softmax(logits[a].detach().float(), -1).cpu() for a in AXES}
+    indices, note = search_architecture(config, budget, scores)
+    return make_architecture(config, indices, note=f"router pick had {arch.num_parameters:,} params; {note}", **info)
+
+
+def expected_parameters(config: LlamaFlexConfig, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Differentiable expected non-embedding parameters under per-axis choice probabilities."""
+    expect = {}
+    for axis in AXES:
+        values = torch.tensor(config.choices[axis], dtype=probs[axis].dtype, device=probs[axis].device)
+        expect[axis] = (probs[axis] * values).sum()
+    return count_parameters(config, expect["hidden"], expect["heads"], expect["mlp"], expect["depth"])
+
+
+def budget_loss(config: LlamaFlexConfig, probs: dict[str, torch.Tensor], budget: float) -> torch.Tensor:
+    """max(0, |P̂/(b·P) − 1| − tol); at b = 1 also pull every axis towards its full choice (DESIGN.md §3.5)."""
+    ratio = expected_parameters(config, probs) / (budget * config.parent_parameters())
+    loss = torch.relu((ratio - 1).abs() - config.budget_tolerance)
+    if budget >= 1.0:
+        loss = loss + sum(1 - probs[axis][-1] for axis in AXES)
+    return loss
+
+
+__all__ = [
+    "Architecture",
+    "architecture_for_logits",
+    "budget_loss",
+    "count_parameters",
+    "expected_parameters",
+    "full_architecture",
+    "make_architecture",
+    "search_architecture",
+    "smallest_budget",
+]

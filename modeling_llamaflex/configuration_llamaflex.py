@@ -1,0 +1,238 @@
+"""LlamaFlexConfig: a Llama parent plus the choices of every elastic axis.
+
+The parent's own fields are exactly `LlamaConfig`'s. On top of them a LlamaFlex config names, for each
+elastic axis, the sizes a sub-model may take (the largest is always the parent's size), the layer ranking
+used to drop layers, the budgets trained on, and the sizes of the routers and modulation networks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+AXES = ("hidden", "heads", "mlp", "depth")
+
+
+def _round_to(value: float, multiple: int, low: int) -> int:
+    return max(low, int(round(value / multiple)) * multiple)
+
+
+def default_choices(config: LlamaConfig) -> dict[str, list[int]]:
+    """Sensible default choices for a Llama parent: about half to all of each axis.
+
+    hidden: 1/2 .. 1 of the residual width in eighths (multiples of 64, or of 8 for small models);
+    heads: from half to all query heads per KV group; mlp: 1/4 .. 1 in eighths; depth: 1/2 .. all layers.
+    """
+    hidden, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    n_kv = config.num_key_value_heads
+    per_group = config.num_attention_heads // n_kv
+    h_mult = 64 if hidden >= 1024 else 8
+    f_mult = 256 if mlp >= 4096 else 8
+    hidden_c = sorted({_round_to(hidden * i / 8, h_mult, h_mult) for i in range(4, 8)} | {hidden})
+    mlp_c = sorted({_round_to(mlp * i / 8, f_mult, f_mult) for i in range(2, 8)} | {mlp})
+    heads_c = sorted({n_kv * k for k in range(max(1, math.ceil(per_group / 2)), per_group + 1)})
+    step = max(1, layers // 8)
+    depth_c = sorted({d for d in range(layers, max(1, layers // 2) - 1, -step)} | {layers})
+    return {
+        "hidden_choices": [c for c in hidden_c if c <= hidden],
+        "head_choices": heads_c,
+        "mlp_choices": [c for c in mlp_c if c <= mlp],
+        "depth_choices": [d for d in depth_c if d >= 1],
+    }
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def parse_budget(budget: float | int | str, parent_parameters: int) -> float:
+    """A budget as a fraction of the parent's non-embedding parameters.
+
+    Accepts a number in (0, 1], or an absolute size as a string such as "3B", "350M" or "0.5".
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise TypeError(
+            f"budget must be a number in (0, 1] or a size such as '3B' or '350M', got {budget!r} "
+            f"({type(budget).__name__})"
+        )
+    if isinstance(budget, str):
+        match = _SIZE.match(budget)
+        if match is None:
+            raise ValueError(
+                f"budget {budget!r} is not a number: give a fraction in (0, 1] of the parent's "
+                f"{parent_parameters:,} non-embedding parameters, or a size such as '3B' or '350M'"
+            )
+        value, unit = float(match.group(1)), match.group(2).lower()
+        budget = value if unit == "" and value <= 1 else value * _UNITS[unit] / parent_parameters
+    budget = float(budget)
+    if not (0.0 < budget <= 1.0) or math.isnan(budget):
+        raise ValueError(
+            f"budget {budget!r} is outside (0, 1]: it is the fraction of the parent's "
+            f"{parent_parameters:,} non-embedding parameters to keep"
+        )
+    return budget
+
+
+@strict
+class LlamaFlexConfig(LlamaConfig):
+    r"""
+    Configuration of a LlamaFlex model: a Llama parent (all of `LlamaConfig`'s fields) plus its elastic axes.
+
+    Args:
+        hidden_choices (`list[int]`): residual-stream widths a sub-model may take, increasing; the last is
+            `hidden_size`.
+        head_choices (`list[int]`): total query heads a sub-model may keep, each a multiple of
+            `num_key_value_heads` (the same number is kept in every KV group); the last is `num_attention_heads`.
+        mlp_choices (`list[int]`): MLP intermediate widths, increasing; the last is `intermediate_size`.
+        depth_choices (`list[int]`): numbers of layers, increasing; the last is `num_hidden_layers`.
+        layer_ranking (`list[int]`): layer indices from most to least important; depth `k` keeps the first
+            `k` of them, run in their original order. Identity by default.
+        budgets (`list[float]`): the budgets trained on (fractions of the parent's non-embedding parameters).
+        router_embed_dim, router_hidden_dim (`int`): size of the shared budget embedding and of the hidden
+            layer of each axis's router MLP (paper: 128 and 128).
+        modulation_embed_dim, modulation_hidden_dim (`int`): size of the sinusoidal choice embedding and of
+            the hidden layer of each modulation network (paper: 16 and 128).
+        use_modulation (`bool`): build the policy-aware modulation networks.
+        budget_tolerance (`float`): relative slack on the parameter budget (router loss and architecture
+            search).
+        budget (`float | str`, *optional*): the active budget. None means the full model. When set at load
+            time (`from_pretrained(..., budget=0.5)`) the returned model holds only that sub-model.
+        elastic (`bool`): False for a model that holds one sub-model only (loaded at a budget); it has no
+            routers and no modulation (folded into its weights).
+    """
+
+    model_type = "llamaflex"
+
+    hidden_choices: list[int] | None = None
+    head_choices: list[int] | None = None
+    mlp_choices: list[int] | None = None
+    depth_choices: list[int] | None = None
+    layer_ranking: list[int] | None = None
+    budgets: list[float] | None = None
+    router_embed_dim: int = 128
+    router_hidden_dim: int = 128
+    modulation_embed_dim: int = 16
+    modulation_hidden_dim: int = 128
+    use_modulation: bool = True
+    budget_tolerance: float = 0.05
+    budget: float | int | str | None = None
+    elastic: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        defaults = default_choices(self)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.layer_ranking is None:
+            self.layer_ranking = list(range(self.num_hidden_layers))
+        if self.budgets is None:
+            self.budgets = [0.5, 0.625, 0.75, 0.875]
+        self.budgets = sorted(float(b) for b in self.budgets)
+
+    # ---- validation (run by @strict after __post_init__) ----
+    def validate_elastic_axes(self):
+        """Refuse choices a sub-model cannot have, naming the field and the allowed values."""
+        parent = {
+            "hidden_choices": ("hidden_size", self.hidden_size),
+            "head_choices": ("num_attention_heads", self.num_attention_heads),
+            "mlp_choices": ("intermediate_size", self.intermediate_size),
+            "depth_choices": ("num_hidden_layers", self.num_hidden_layers),
+        }
+        for name, (parent_name, full) in parent.items():
+            choices = getattr(self, name)
+            if not choices or any(not isinstance(c, int) or c < 1 for c in choices):
+                raise ValueError(f"{name} must be a non-empty list of positive integers, got {choices}")
+            if list(choices) != sorted(set(choices)):
+                raise ValueError(f"{name} must be strictly increasing, got {choices}")
+            if choices[-1] != full:
+                raise ValueError(
+                    f"{name} must end with the parent's {parent_name}={full} and hold nothing larger, got {choices}"
+                )
+        n_kv = self.num_key_value_heads
+        bad = [c for c in self.head_choices if c % n_kv]
+        if bad:
+            raise ValueError(
+                f"head_choices {bad} are not multiples of num_key_value_heads={n_kv}: every KV group keeps the "
+                f"same number of query heads, so allowed values are {[n_kv * k for k in range(1, self.num_attention_heads // n_kv + 1)]}"
+            )
+        if sorted(self.layer_ranking) != list(range(self.num_hidden_layers)):
+            raise ValueError(
+                f"layer_ranking must be a permutation of 0..{self.num_hidden_layers - 1}, got {self.layer_ranking}"
+            )
+        bad_budgets = [b for b in self.budgets if not 0.0 < b <= 1.0]
+        if bad_budgets:
+            raise ValueError(f"budgets {bad_budgets} are outside (0, 1]; budgets are fractions of the parent's size")
+        if not 0.0 <= self.budget_tolerance < 1.0:
+            raise ValueError(f"budget_tolerance must be in [0, 1), got {self.budget_tolerance}")
+        for name in ("router_embed_dim", "router_hidden_dim", "modulation_hidden_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.modulation_embed_dim < 2 or self.modulation_embed_dim % 2:
+            raise ValueError(f"modulation_embed_dim must be a positive even number, got {self.modulation_embed_dim}")
+        if self.budget is not None and self.elastic:
+            from .architecture import smallest_budget
+
+            value = parse_budget(self.budget, self.parent_parameters())
+            low = smallest_budget(self)
+            if value < low:
+                raise ValueError(
+                    f"budget {self.budget!r} cannot be reached: the smallest sub-model these choices allow keeps "
+                    f"{low:.4f} of the parent; allowed budgets are [{low:.4f}, 1]"
+                )
+
+    # ---- helpers ----
+    @property
+    def choices(self) -> dict[str, list[int]]:
+        """The choices of every axis, keyed by axis name."""
+        return {
+            "hidden": list(self.hidden_choices),
+            "heads": list(self.head_choices),
+            "mlp": list(self.mlp_choices),
+            "depth": list(self.depth_choices),
+        }
+
+    def parent_parameters(self) -> int:
+        """Non-embedding parameters of the parent (closed form, DESIGN.md §3.5)."""
+        from .architecture import count_parameters
+
+        return count_parameters(
+            self, self.hidden_size, self.num_attention_heads, self.intermediate_size, self.num_hidden_layers
+        )
+
+    @classmethod
+    def from_llama_config(cls, llama_config: LlamaConfig, **elastic) -> LlamaFlexConfig:
+        """A flex config for a Llama parent, with default choices unless given in `elastic`."""
+        if getattr(llama_config, "model_type", None) not in ("llama", "llamaflex"):
+            raise ValueError(
+                f"LlamaFlex needs a Llama-shaped parent (model_type 'llama'), got model_type "
+                f"{getattr(llama_config, 'model_type', None)!r}"
+            )
+        data = llama_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            data.pop(key, None)
+        data.update(elastic)
+        return cls(**data)
+
+    def to_llama_config(self, **sizes) -> LlamaConfig:
+        """The plain LlamaConfig of the parent, or of a sub-model when sizes are given."""
+        data = self.to_dict()
+        for key in list(data):
+            if key in _FLEX_FIELDS or key in ("model_type", "auto_map", "transformers_version"):
+                data.pop(key)
+        data.update(sizes)
+        data["head_dim"] = self.head_dim
+        data["architectures"] = ["LlamaForCausalLM"]
+        return LlamaConfig(**data)
+
+
+_FLEX_FIELDS = {
+    "hidden_choices", "head_choices", "mlp_choices", "depth_choices", "layer_ranking", "budgets",
+    "router_embed_dim", "router_hidden_dim", "modulation_embed_dim", "modulation_hidden_dim",
+    "use_modulation", "budget_tolerance", "budget", "elastic",
+}
+
+__all__ = ["LlamaFlexConfig", "AXES", "default_choices", "parse_budget"]

@@ -1,0 +1,253 @@
+"""Cutting a sub-model out of the shared weights (DESIGN.md §5).
+
+One function, `sub_model_tensors`, names every slice a sub-model needs and folds the modulation gains
+into o_proj/down_proj. It reads through a `reader(name, rows, cols)`, so the same code cuts from tensors in
+memory (`extract`) and from safetensors files, reading only the needed bytes (`load_at_budget`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from safetensors import safe_open
+from transformers import LlamaForCausalLM
+from transformers.initialization import no_init_weights
+from transformers.utils import cached_file
+
+from .architecture import Architecture, architecture_for_logits
+from .configuration_llamaflex import LlamaFlexConfig, parse_budget
+from .elastic import Policy
+from .modulation import PolicyModulation
+from .router import BudgetRouter
+
+Ranges = list[tuple[int, int]] | None  # None: the whole dimension
+Reader = Callable[[str, Ranges, Ranges], torch.Tensor]
+
+
+def _head_ranges(config: LlamaFlexConfig, heads: int) -> Ranges:
+    """Rows of q_proj (columns of o_proj) of the first heads // n_kv query heads of every KV group."""
+    n_kv, d = config.num_key_value_heads, config.head_dim
+    block, kept = (config.num_attention_heads // n_kv) * d, (heads // n_kv) * d
+    return [(g * block, g * block + kept) for g in range(n_kv)]
+
+
+def sub_model_tensors(
+    config: LlamaFlexConfig, arch: Architecture, reader: Reader, gains: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict, in `LlamaForCausalLM` names, of the sub-model `arch`; `gains` (2, L) are folded."""
+    h, f = [(0, arch.hidden)], [(0, arch.mlp)]
+    heads = _head_ranges(config, arch.heads)
+    out = {"model.embed_tokens.weight": reader("model.embed_tokens.weight", None, h)}
+    specs = {  # name: (rows, cols, which gain)
+        "input_layernorm.weight": (h, None, None),
+        "post_attention_layernorm.weight": (h, None, None),
+        "self_attn.q_proj.weight": (heads, h, None),
+        "self_attn.k_proj.weight": (None, h, None),
+        "self_attn.v_proj.weight": (None, h, None),
+        "self_attn.o_proj.weight": (h, heads, 0),
+        "mlp.gate_proj.weight": (f, h, None),
+        "mlp.up_proj.weight": (f, h, None),
+        "mlp.down_proj.weight": (h, f, 1),
+    }
+    if config.attention_bias:
+        specs.update({
+            "self_attn.q_proj.bias": (heads, None, None),
+            "self_attn.k_proj.bias": (None, None, None),
+            "self_attn.v_proj.bias": (None, None, None),
+            "self_attn.o_proj.bias": (h, None, 0),
+        })
+    if config.mlp_bias:
+        specs.update({
+            "mlp.gate_proj.bias": (f, None, None),
+            "mlp.up_proj.bias": (f, None, None),
+            "mlp.down_proj.bias": (h, None, 1),
+        })
+    for new, layer in enumerate(arch.kept_layers):
+        for name, (rows, cols, which) in specs.items():
+            tensor = reader(f"model.layers.{layer}.{name}", rows, cols)
+            if gains is not None and which is not None:
+                tensor = (tensor.float() * gains[which, layer].float()).to(tensor.dtype)
+            out[f"model.layers.{new}.{name}"] = tensor
+    out["model.norm.weight"] = reader("model.norm.weight", h, None)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = reader("lm_head.weight", None, h)
+    return out
+
+
+def _take(tensor: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
+    if ranges is None:
+        return tensor
+    return torch.cat([tensor.narrow(dim, a, b - a) for a, b in ranges], dim)
+
+
+def memory_reader(state: dict[str, torch.Tensor]) -> Reader:
+    def read(name: str, rows: Ranges, cols: Ranges) -> torch.Tensor:
+        tensor = _take(state[name], 0, rows)
+        return (_take(tensor, 1, cols) if cols is not None else tensor).clone()
+
+    return read
+
+
+def sub_model_sizes(arch: Architecture) -> dict[str, int]:
+    """The LlamaConfig size fields of a sub-model."""
+    return {
+        "hidden_size": arch.hidden,
+        "num_attention_heads": arch.heads,
+        "intermediate_size": arch.mlp,
+        "num_hidden_layers": arch.depth,
+    }
+
+
+def _fold_gains(model, arch: Architecture) -> torch.Tensor | None:
+    modulation = model.model.modulation if hasattr(model, "model") else model.modulation
+    if modulation is None:
+        return None
+    policy = Policy.one_hot(model.config, arch.indices, device=next(modulation.parameters()).device)
+    return modulation(policy.probs)
+
+
+@torch.no_grad()
+def extract(flex, budget) -> LlamaForCausalLM:
+    """A plain `LlamaForCausalLM` holding the sub-model of `budget` (or of an `Architecture`)."""
+    arch = budget if isinstance(budget, Architecture) else flex.architecture(budget)
+    state = flex.state_dict()
+    tensors = sub_model_tensors(flex.config, arch, memory_reader(state), _fold_gains(flex, arch))
+    llama_config = flex.config.to_llama_config(**sub_model_sizes(arch))
+    llama_config.dtype = flex.dtype
+    with no_init_weights():
+        llama = LlamaForCausalLM(llama_config)
+    _assign(llama, tensors, flex.config.tie_word_embeddings)
+    llama.generation_config = flex.generation_config
+    return llama.to(flex.device).eval()
+
+
+def _assign(model, tensors: dict[str, torch.Tensor], tied: bool) -> None:
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"sub-model weights do not fit: missing {missing}, unexpected {unexpected}")
+    if tied:
+        model.tie_weights()
+
+
+# ---- loading at a budget, from safetensors, only the needed slices ----
+
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def resolve_load_budget(cls, path, budget, kwargs: dict):
+    """Load the config (consuming config keywords from `kwargs`) and decide the budget to load at."""
+    config = kwargs.pop("config", None)
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    if not isinstance(config, LlamaFlexConfig):
+        rest = {k: v for k, v in kwargs.items() if k not in hub}
+        for key in ("trust_remote_code", "dtype", "torch_dtype", "device_map", "attn_implementation", "output_loading_info"):
+            rest.pop(key, None)
+        config, unused = cls.config_class.from_pretrained(config or path, return_unused_kwargs=True, **hub, **rest)
+        for key in rest:
+            if key not in unused:
+                kwargs.pop(key)
+    if budget is not None:
+        config.budget = budget
+    budget = config.budget
+    if budget is not None and not config.elastic:
+        return config, None  # a checkpoint already holding one sub-model: load it as is
+    if budget is not None:
+        parse_budget(budget, config.parent_parameters())  # clear errors before any weights are read
+    return config, budget
+
+
+def _safetensors_files(path, kwargs: dict) -> dict[str, str]:
+    """Map every tensor name to the local safetensors file that holds it."""
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    if index is not None:
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        folder = os.path.dirname(index)
+        return {name: os.path.join(folder, file) for name, file in weight_map.items()}
+    single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub)
+    if single is None:
+        raise FileNotFoundError(f"{path} has no model.safetensors(.index.json): loading at a budget needs safetensors weights")
+    with safe_open(single, "pt") as fh:
+        return {name: single for name in fh.keys()}
+
+
+class SafetensorsReader:
+    """Reads slices of named tensors from safetensors files without loading whole tensors."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self._open = {}
+
+    def handle(self, name: str):
+        file = self.files[name]
+        if file not in self._open:
+            self._open[file] = safe_open(file, "pt")
+        return self._open[file]
+
+    def __call__(self, name: str, rows: Ranges, cols: Ranges) -> torch.Tensor:
+        view = self.handle(name).get_slice(name)
+        rows = rows or [(0, view.get_shape()[0])]
+        if cols is None:
+            return torch.cat([view[a:b] for a, b in rows], 0)
+        return torch.cat([torch.cat([view[a:b, c:d] for c, d in cols], 1) for a, b in rows], 0)
+
+    def module_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {n[len(prefix):]: self.handle(n).get_tensor(n) for n in self.files if n.startswith(prefix)}
+
+
+def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
+    """A model holding only the sub-model of `budget`, read slice by slice from the checkpoint."""
+    files = _safetensors_files(path, kwargs)
+    reader = SafetensorsReader(files)
+    router_state = reader.module_state("model.router.")
+    if not router_state:
+        raise ValueError(
+            f"{path} has no router weights (model.router.*): it cannot choose an architecture for budget "
+            f"{budget!r}. Load it without a budget, or train it with training/run.py first."
+        )
+    router = BudgetRouter(config)
+    router.load_state_dict(router_state)
+    b = parse_budget(budget, config.parent_parameters())
+    with torch.no_grad():
+        arch = architecture_for_logits(config, b, router(torch.tensor(b)))
+    gains = None
+    if config.use_modulation:
+        modulation = PolicyModulation(config)
+        modulation.load_state_dict(reader.module_state("model.modulation."), strict=False)
+        with torch.no_grad():
+            gains = modulation(Policy.one_hot(config, arch.indices).probs)
+    tensors = sub_model_tensors(config, arch, reader, gains)
+
+    data = config.to_dict()
+    data.update(sub_model_sizes(arch))
+    data.update(
+        hidden_choices=[arch.hidden], head_choices=[arch.heads], mlp_choices=[arch.mlp], depth_choices=[arch.depth],
+        layer_ranking=list(range(arch.depth)), elastic=False, budget=budget,
+    )
+    for key in ("model_type", "transformers_version", "auto_map"):
+        data.pop(key, None)
+    sub_config = LlamaFlexConfig(**data)
+    if kwargs.get("attn_implementation"):
+        sub_config._attn_implementation = kwargs["attn_implementation"]
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    with no_init_weights():
+        model = cls(sub_config)
+    if cls.base_model_prefix and not hasattr(model, cls.base_model_prefix):  # the bare decoder
+        tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        _assign(model, tensors, tied=False)
+    else:
+        _assign(model, tensors, config.tie_word_embeddings)
+    if dtype is not None and dtype != "auto":
+        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    device = kwargs.get("device_map")
+    if isinstance(device, (str, torch.device)) and device != "auto":
+        model = model.to(device)
+    return model.eval()
+
+
+__all__ = ["extract", "load_at_budget", "sub_model_tensors"]

@@ -1,0 +1,68 @@
+"""Budget routers (DESIGN.md §3.3): budget → one architecture choice per axis.
+
+A shared embedding E(b) of the scalar budget (sinusoidal features, then a learned layer), then per axis a
+2-layer MLP giving logits over that axis's choices. Training samples with Gumbel-Softmax at temperature τ
+on logits scaled by κ (soft, or hard with a straight-through one-hot); inference takes the argmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_llamaflex import AXES, LlamaFlexConfig
+
+
+def sinusoidal(x: torch.Tensor, dim: int, max_frequency: float = 1000.0) -> torch.Tensor:
+    """[sin(x·ω_k), cos(x·ω_k)] with ω_k log-spaced in [1, max_frequency]; x in [0, 1] (any shape)."""
+    half = dim // 2
+    freqs = torch.exp(torch.linspace(0.0, math.log(max_frequency), half, device=x.device, dtype=torch.float32))
+    angles = x.to(torch.float32)[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class BudgetRouter(nn.Module):
+    """Shared budget embedding plus one logit MLP per elastic axis."""
+
+    def __init__(self, config: LlamaFlexConfig):
+        super().__init__()
+        e, h = config.router_embed_dim, config.router_hidden_dim
+        self.embed_dim = e
+        self.embed = nn.Linear(e, e)
+        self.heads = nn.ModuleDict(
+            {axis: nn.Sequential(nn.Linear(e, h), nn.SiLU(), nn.Linear(h, len(config.choices[axis]))) for axis in AXES}
+        )
+
+    def forward(self, budget: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per axis for a scalar budget tensor."""
+        dtype = self.embed.weight.dtype
+        features = sinusoidal(budget.reshape(()), self.embed_dim).to(dtype)
+        shared = F.silu(self.embed(features))
+        return {axis: head(shared) for axis, head in self.heads.items()}
+
+
+def gumbel_softmax(
+    logits: torch.Tensor,
+    temperature: float,
+    logit_scale: float = 1.0,
+    hard: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Gumbel-Softmax over κ·logits at temperature τ; `hard` returns a straight-through one-hot.
+
+    The noise comes from `generator` (a CPU generator seeded from the global step in training, so every
+    rank draws the same architecture).
+    """
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float32).clamp_(1e-9, 1 - 1e-9)
+    noise = -torch.log(-torch.log(uniform)).to(device=logits.device, dtype=logits.dtype)
+    soft = F.softmax((logits * logit_scale + noise) / temperature, dim=-1)
+    if not hard:
+        return soft
+    one_hot = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    return one_hot - soft.detach() + soft
+
+
+__all__ = ["BudgetRouter", "gumbel_softmax", "sinusoidal"]
