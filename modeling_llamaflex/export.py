@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PreTrainedConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import cached_file
 
@@ -142,7 +142,7 @@ def resolve_load_budget(cls, path, budget, kwargs: dict):
     """Load the config (consuming config keywords from `kwargs`) and decide the budget to load at."""
     config = kwargs.pop("config", None)
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    if not isinstance(config, LlamaFlexConfig):
+    if not isinstance(config, PreTrainedConfig):  # (remote code may hold another copy of our config class)
         rest = {k: v for k, v in kwargs.items() if k not in hub}
         for key in ("trust_remote_code", "dtype", "torch_dtype", "device_map", "attn_implementation", "output_loading_info"):
             rest.pop(key, None)

@@ -167,6 +167,17 @@ class LlamaFlexPreTrainedModel(PreTrainedModel):
         if isinstance(module, AxisModulation):
             init.copy_(module.choice_embedding, module.make_table())
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights, config and this package's code; `auto_map` names all three Auto classes."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.update(
+            AutoConfig="configuration_llamaflex.LlamaFlexConfig",
+            AutoModel="modeling_llamaflex.LlamaFlexModel",
+            AutoModelForCausalLM="modeling_llamaflex.LlamaFlexForCausalLM",
+        )
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, budget=None, **kwargs):
         """Load the elastic model, or with `budget=` only the sub-model of that budget (DESIGN.md §5).

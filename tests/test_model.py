@@ -1,0 +1,177 @@
+"""Exactness of the elastic model against independent references (plain transformers Llama models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from transformers import LlamaForCausalLM
+
+from modeling_llamaflex import LlamaFlexConfig, LlamaFlexForCausalLM, budget_loss, expected_parameters
+from modeling_llamaflex.architecture import make_architecture, search_architecture
+from modeling_llamaflex.configuration_llamaflex import AXES
+from modeling_llamaflex.elastic import Policy
+
+ATOL = 1e-5
+
+
+def non_embedding_parameters(model: LlamaForCausalLM) -> int:
+    skip = {"model.embed_tokens.weight", "lm_head.weight"}
+    return sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False) if n not in skip)
+
+
+def elastic(llama, **elastic_options) -> LlamaFlexForCausalLM:
+    """A flex model with a non-trivial layer ranking and random (non-zero) modulation, so folding is tested."""
+    elastic_options.setdefault("layer_ranking", [2, 0, 3, 1])
+    flex = LlamaFlexForCausalLM.from_llama(llama, **elastic_options)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in flex.model.modulation.parameters():
+            p.normal_(0, 0.2)
+    return flex
+
+
+# every axis below its full size somewhere; heads=4 keeps 2 of 4 query heads in each of the 2 KV groups
+ARCHITECTURES = [
+    {"hidden": 0, "heads": 0, "mlp": 0, "depth": 0},
+    {"hidden": 2, "heads": 1, "mlp": 3, "depth": 1},
+    {"hidden": 4, "heads": 0, "mlp": 6, "depth": 2},
+    {"hidden": 3, "heads": 2, "mlp": 5, "depth": 2},
+]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_full_budget_gives_the_parents_logits(tied, input_ids):
+    llama = tiny_llama(tie_word_embeddings=tied)
+    flex = LlamaFlexForCausalLM.from_llama(llama)
+    expected = llama(input_ids).logits
+    torch.testing.assert_close(flex(input_ids).logits, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(flex(input_ids, budget=1.0).logits, expected, atol=ATOL, rtol=0)
+    assert flex.architecture(1.0).num_parameters == non_embedding_parameters(llama)
+
+
+@pytest.mark.parametrize("indices", ARCHITECTURES)
+def test_sliced_masked_and_extracted_agree(llama, input_ids, indices):
+    flex = elastic(llama)
+    arch = make_architecture(flex.config, indices)
+    sub = flex.extract(arch)
+    reference = sub(input_ids).logits
+    sliced = flex(input_ids, policy=Policy.one_hot(flex.config, indices, sliced=True)).logits
+    masked = flex(input_ids, policy=Policy.one_hot(flex.config, indices, sliced=False)).logits
+    torch.testing.assert_close(sliced, reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(masked, reference, atol=ATOL, rtol=0)
+    # the extracted model is really that size, in HF's group-major head order
+    assert sub.config.model_type == "llama"
+    assert sub.config.num_attention_heads == arch.heads and sub.config.num_key_value_heads == 2
+    assert non_embedding_parameters(sub) == arch.num_parameters
+    one_hot = Policy.one_hot(flex.config, indices).probs
+    assert expected_parameters(flex.config, one_hot).item() == pytest.approx(arch.num_parameters, rel=1e-6)
+
+
+def test_modulation_is_not_a_no_op(llama, input_ids):
+    """A sanity check of the test above: the random modulation changes the outputs, so folding matters."""
+    flex = elastic(llama)
+    indices = ARCHITECTURES[1]
+    with_mod = flex(input_ids, policy=Policy.one_hot(flex.config, indices)).logits
+    flex.model.modulation = None
+    without = flex(input_ids, policy=Policy.one_hot(flex.config, indices)).logits
+    assert (with_mod - without).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("budget", [0.4, 0.6, 0.8])
+def test_budget_forward_extract_and_generation(llama, input_ids, budget):
+    flex = elastic(llama)
+    arch = flex.architecture(budget)
+    assert abs(arch.num_parameters / arch.target_parameters - 1) <= flex.config.budget_tolerance
+    sub = flex.extract(budget)
+    torch.testing.assert_close(flex(input_ids, budget=budget).logits, sub(input_ids).logits, atol=ATOL, rtol=0)
+    assert non_embedding_parameters(sub) == arch.num_parameters
+    prompt = input_ids[:1, :5]
+    ours = flex.generate(prompt, budget=budget, max_new_tokens=10, do_sample=False)
+    theirs = sub.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_budget_as_absolute_size(llama):
+    flex = elastic(llama)
+    parent = flex.config.parent_parameters()
+    assert flex.architecture(f"{parent * 0.6 / 1e3:.3f}K").budget == pytest.approx(0.6, rel=1e-3)
+
+
+def test_architecture_falls_back_when_the_router_overshoots(llama):
+    flex = elastic(llama)
+    with torch.no_grad():  # routers that always pick the full model
+        for head in flex.model.router.heads.values():
+            head[-1].weight.zero_()
+            head[-1].bias.copy_(torch.arange(head[-1].bias.numel(), dtype=torch.float32) * 10)
+    arch = flex.architecture(0.5)
+    assert "searched" in arch.note
+    assert abs(arch.num_parameters / arch.target_parameters - 1) <= flex.config.budget_tolerance
+
+
+def test_gradients_reach_routers_and_modulation(llama, input_ids):
+    flex = elastic(llama).train()
+    generator = torch.Generator().manual_seed(0)
+    for mode in ("soft", "hard"):
+        flex.zero_grad()
+        policy = flex.route(0.6, mode=mode, generator=generator)
+        assert policy.sliced == (mode == "hard")
+        loss = flex(input_ids, labels=input_ids, policy=policy).loss
+        loss.backward()
+        for name in ("router", "modulation"):
+            grads = [p.grad for p in getattr(flex.model, name).parameters() if p.grad is not None]
+            assert grads and any(g.abs().sum() > 0 for g in grads), f"no gradient reaches {name} in {mode} mode"
+    flex.zero_grad()
+    policy = flex.route(0.3, mode="soft", generator=generator)
+    loss = budget_loss(flex.config, policy.probs, 0.3)
+    assert loss.item() > 0
+    loss.backward()
+    assert all(flex.model.router.heads[a][-1].weight.grad.abs().sum() > 0 for a in AXES)
+
+
+def test_masked_norm_uses_the_expected_width():
+    from modeling_llamaflex.elastic import ElasticRMSNorm, staircase
+
+    torch.manual_seed(0)
+    norm = ElasticRMSNorm(8, eps=0.0)
+    probs = torch.tensor([0.25, 0.75])
+    mask = staircase(probs, [4, 8], 8)
+    assert torch.allclose(mask, torch.tensor([1.0] * 4 + [0.75] * 4))
+    x = torch.randn(3, 8) * mask
+    width = 0.25 * 4 + 0.75 * 8
+    expected = x / torch.sqrt((x**2).sum(-1, keepdim=True) / width)
+    torch.testing.assert_close(norm(x, torch.tensor(8 / width)), expected)
+
+
+def test_fresh_model_is_the_sliced_parent_at_every_budget(llama, input_ids):
+    """Zero-initialised modulation: before training, a sub-model is exactly the pruned parent."""
+    flex = LlamaFlexForCausalLM.from_llama(llama)
+    arch = flex.architecture(0.6)
+    gains = flex.model.modulation(Policy.one_hot(flex.config, arch.indices).probs)
+    assert torch.equal(gains, torch.ones_like(gains))
+
+
+def test_llama31_8b_on_meta_device():
+    import json
+    import os
+
+    from transformers import LlamaConfig
+
+    path = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "llama31_8b_parent.json")
+    with open(path) as fh:
+        parent = LlamaConfig(**{k: v for k, v in json.load(fh).items() if k != "model_type"})
+    config = LlamaFlexConfig.from_llama_config(parent)
+    with torch.device("meta"):
+        flex = LlamaFlexForCausalLM(config)
+    layers = sum(p.numel() for n, p in flex.named_parameters() if n.startswith("model.layers.") or n == "model.norm.weight")
+    mlp = sum(p.numel() for n, p in flex.named_parameters() if ".mlp." in n)
+    assert layers == config.parent_parameters()
+    assert round(layers / 1e9, 2) == 6.98
+    assert round(mlp / 1e9, 2) == 5.64
+    router = sum(p.numel() for p in flex.model.router.parameters())
+    modulation = sum(p.numel() for p in flex.model.modulation.parameters())
+    assert router < 1e6 and modulation < 1e6
+    for budget in config.budgets:  # every trained budget is reachable within tolerance
+        indices, note = search_architecture(config, budget)
+        arch = make_architecture(config, indices)
+        assert "within" in note and abs(arch.num_parameters / (budget * layers) - 1) <= config.budget_tolerance
