@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from . import importance
 from .configuration_llamaflex import LlamaFlexConfig
 
 logger = logging.getLogger(__name__)
@@ -36,16 +38,81 @@ def check_llama_config(config, source: str) -> None:
         )
 
 
+@dataclass
+class Orders:
+    """The permutations that sort a parent by importance (most important first)."""
+
+    hidden: torch.Tensor  # (hidden,)
+    heads: torch.Tensor  # (layers, query heads), within KV groups
+    mlp: torch.Tensor  # (layers, intermediate)
+    layers: list[int]  # layer ranking (layers are not moved; depth keeps a prefix of this ranking)
+
+
+def importance_orders(llama, calibration_data, batch_size: int = 8, progress: bool = True) -> Orders:
+    """Calibrate and rank every unit of the parent (see `importance`)."""
+    stats = importance.collect_statistics(llama, calibration_data, batch_size, progress)
+    return Orders(
+        hidden=importance.rank(importance.hidden_scores(stats)),
+        heads=importance.head_order(importance.head_scores(stats), llama.config.num_key_value_heads),
+        mlp=importance.rank(importance.mlp_scores(stats)),
+        layers=importance.rank(importance.layer_scores(stats)).tolist(),
+    )
+
+
+def permute_state_dict(state: dict[str, torch.Tensor], config, orders: Orders) -> dict[str, torch.Tensor]:
+    """A new state dict with every tensor reordered consistently; the function of the model is unchanged."""
+    out = dict(state)
+    hidden, d = orders.hidden, config.head_dim
+
+    def take(name, dim, index):
+        if name in out:
+            out[name] = out[name].index_select(dim, index.to(out[name].device))
+
+    take("model.embed_tokens.weight", 1, hidden)
+    if not config.tie_word_embeddings:
+        take("lm_head.weight", 1, hidden)
+    take("model.norm.weight", 0, hidden)
+    for l in range(config.num_hidden_layers):
+        p = f"model.layers.{l}."
+        rows = (orders.heads[l][:, None] * d + torch.arange(d)[None, :]).reshape(-1)  # head order -> row order
+        mlp = orders.mlp[l]
+        for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            take(p + name, 0, hidden)
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            take(p + name + ".weight", 1, hidden)
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            take(p + name + ".weight", 0, hidden)
+            take(p + name + ".bias", 0, hidden)
+        take(p + "self_attn.q_proj.weight", 0, rows)
+        take(p + "self_attn.q_proj.bias", 0, rows)
+        take(p + "self_attn.o_proj.weight", 1, rows)
+        for name in ("mlp.gate_proj", "mlp.up_proj"):
+            take(p + name + ".weight", 0, mlp)
+            take(p + name + ".bias", 0, mlp)
+        take(p + "mlp.down_proj.weight", 1, mlp)
+    return out
+
+
 @torch.no_grad()
-def from_llama(cls, llama, calibration_data=None, **elastic):
+def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress: bool = True, **elastic):
     """An elastic model holding the parent's weights; at full budget it gives the parent's logits.
 
-    Without `calibration_data` the units keep the parent's order.
+    With `calibration_data` (token ids: a tensor, a list of sequences, a `datasets.Dataset` or batches),
+    every unit is ranked by importance and the weights are permuted so that each sub-model keeps the most
+    important units as a prefix; the layer ranking goes into the config. Without it, the parent's order is
+    kept. `elastic` overrides `LlamaFlexConfig` fields (choices, budgets, ...). The parent is not modified.
     """
     llama = load_llama(llama)
+    state = llama.state_dict()
+    if calibration_data is not None:
+        orders = importance_orders(llama, calibration_data, batch_size, progress)
+        state = permute_state_dict(state, llama.config, orders)
+        elastic.setdefault("layer_ranking", orders.layers)
     config = LlamaFlexConfig.from_llama_config(llama.config, **elastic)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied to the (permuted) embedding
     flex = cls(config).to(dtype=llama.dtype, device=llama.device)
-    missing, unexpected = flex.load_state_dict(llama.state_dict(), strict=False)
+    missing, unexpected = flex.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".router." not in k and ".modulation." not in k and k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"the parent's weights do not fit a LlamaFlex model: missing {missing}, unexpected {unexpected}")
@@ -57,4 +124,4 @@ def from_llama(cls, llama, calibration_data=None, **elastic):
     return flex.eval()
 
 
-__all__ = ["from_llama", "load_llama"]
+__all__ = ["Orders", "from_llama", "importance_orders", "load_llama", "permute_state_dict"]

@@ -1,0 +1,116 @@
+"""Conversion: importance ranking and the permutation that puts the most important units first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_model import ATOL
+
+from modeling_llamaflex import LlamaFlexForCausalLM
+from modeling_llamaflex import importance
+from modeling_llamaflex.architecture import make_architecture
+from modeling_llamaflex.convert import importance_orders
+
+
+def calibration(n: int = 8, length: int = 16, seed: int = 5) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randint(3, 128, (n, length))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_converted_model_gives_the_parents_logits(tied, input_ids):
+    llama = tiny_llama(tie_word_embeddings=tied)
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    flex = LlamaFlexForCausalLM.from_llama(llama, calibration(), progress=False)
+    torch.testing.assert_close(flex(input_ids).logits, llama(input_ids).logits, atol=ATOL, rtol=0)
+    # the weights really moved, and the parent was left alone
+    assert not torch.equal(flex.model.embed_tokens.weight, llama.model.embed_tokens.weight)
+    assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items())
+    if tied:
+        assert flex.lm_head.weight is flex.model.embed_tokens.weight
+
+
+def test_converted_model_with_rope_scaling_and_biases(input_ids):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    llama = tiny_llama(rope_parameters=rope, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, p in llama.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    flex = LlamaFlexForCausalLM.from_llama(llama, calibration(), progress=False)
+    torch.testing.assert_close(flex(input_ids).logits, llama(input_ids).logits, atol=ATOL, rtol=0)
+    sub = flex.extract(0.6)
+    torch.testing.assert_close(sub(input_ids).logits, flex(input_ids, budget=0.6).logits, atol=ATOL, rtol=0)
+
+
+def test_permutation_sorts_units_by_score():
+    """After conversion, re-scoring the converted model gives non-increasing scores along every axis."""
+    llama = tiny_llama()
+    data = calibration()
+    flex = LlamaFlexForCausalLM.from_llama(llama, data, progress=False)
+    stats = importance.collect_statistics(flex, data, progress=False)
+    mlp = importance.mlp_scores(stats)
+    assert (mlp[:, :-1] >= mlp[:, 1:] - 1e-6).all()
+    hidden = importance.hidden_scores(stats)
+    assert (hidden[:-1] >= hidden[1:] - 1e-6).all()
+    heads = importance.head_scores(stats).reshape(4, 2, 4)  # layers, KV groups, heads per group
+    assert (heads[..., :-1] >= heads[..., 1:] - 1e-6).all()
+    # and the kept prefix holds the top-scoring units of the parent
+    parent_mlp = importance.mlp_scores(importance.collect_statistics(llama, data, progress=False))
+    for l in range(4):
+        top = set(torch.topk(parent_mlp[l], 32).indices.tolist())
+        kept = {int(torch.nonzero(torch.isclose(parent_mlp[l], v)).flatten()[0]) for v in mlp[l, :32]}
+        assert kept == top
+
+
+def test_dominant_neuron_and_head_land_first():
+    llama = tiny_llama()
+    with torch.no_grad():
+        # neuron 77 of layer 1: make its activation huge
+        llama.model.layers[1].mlp.gate_proj.weight[77] *= 50
+        llama.model.layers[1].mlp.up_proj.weight[77] *= 50
+        # head 6 (group 1, third head) of layer 2: its output is the group's values mixed by its attention, so
+        # make its attention a sharp pick of one position and the group's values large there... simpler:
+        # give layer 2's group-1 values a large scale and the other heads of group 1 flat attention.
+        llama.model.layers[2].self_attn.q_proj.weight[4 * 16 : 8 * 16] *= 0.0
+        llama.model.layers[2].self_attn.q_proj.weight[6 * 16 : 7 * 16] = torch.randn(16, 64) * 5
+    orders = importance_orders(llama, calibration(), progress=False)
+    assert int(orders.mlp[1, 0]) == 77
+    assert int(orders.heads[2, 4]) == 6  # first in its KV group
+    assert sorted(orders.heads[2, :4].tolist()) == [0, 1, 2, 3]  # heads never leave their group
+
+
+def test_identity_layer_is_ranked_last():
+    llama = tiny_llama()
+    with torch.no_grad():  # layer 1 adds nothing to the residual stream
+        llama.model.layers[1].self_attn.o_proj.weight.zero_()
+        llama.model.layers[1].mlp.down_proj.weight.zero_()
+    orders = importance_orders(llama, calibration(), progress=False)
+    assert orders.layers[-1] == 1
+    flex = LlamaFlexForCausalLM.from_llama(llama, calibration(), progress=False)
+    assert flex.config.layer_ranking[-1] == 1
+    three = make_architecture(flex.config, {"hidden": 4, "heads": 2, "mlp": 6, "depth": 1})
+    assert three.depth == 3 and three.kept_layers == (0, 2, 3)
+
+
+def test_calibration_inputs_and_errors(llama):
+    data = calibration(4, 10)
+    from_tensor = importance.collect_statistics(llama, data, progress=False)
+    from_list = importance.collect_statistics(llama, [row for row in data], batch_size=2, progress=False)
+    torch.testing.assert_close(from_tensor.mlp, from_list.mlp, rtol=1e-5, atol=1e-6)
+    assert from_tensor.tokens == 40
+    # padded sequences of different lengths: padding is not counted
+    ragged = importance.collect_statistics(llama, [data[0, :6], data[1]], progress=False)
+    assert ragged.tokens == 16
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        importance.collect_statistics(llama, [], progress=False)
+
+
+def test_non_llama_parent_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="not a Llama-shaped parent"):
+        LlamaFlexForCausalLM.from_llama(gpt2)
