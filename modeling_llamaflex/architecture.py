@@ -96,8 +96,9 @@ def search_architecture(
 ) -> tuple[dict[str, int], str]:
     """The highest-scoring combination within the budget tolerance (router log-probabilities as scores).
 
-    If nothing lies within tolerance, the largest combination that does not overshoot it. Returns the
-    choice indices and a note saying which rule chose them.
+    If nothing lies within tolerance, the largest combination that does not overshoot it. Ties (untrained,
+    uniform routers) go to the larger count, then to more layers, then to the wider residual stream: width
+    is cheaper to prune than depth (Minitron). Returns the choice indices and a note saying which rule chose them.
     """
     parent, tol = config.parent_parameters(), config.budget_tolerance
     target = budget * parent
@@ -110,7 +111,7 @@ def search_architecture(
     grid = list(_grid(config))
     within = [(idx, p) for idx, p in grid if abs(p / target - 1) <= tol]
     if within:
-        best = max(within, key=lambda ip: (score(ip[0]), ip[1]))
+        best = max(within, key=lambda ip: (round(score(ip[0]), 6), ip[1], ip[0]["depth"], ip[0]["hidden"]))
         return best[0], f"searched: best router score within ±{tol:g} of the budget"
     under = [(idx, p) for idx, p in grid if p <= target * (1 + tol)]
     if not under:
@@ -118,7 +119,7 @@ def search_architecture(
             f"budget {budget:g} cannot be reached: the smallest sub-model these choices allow keeps "
             f"{smallest_budget(config):.4f} of the parent; allowed budgets are [{smallest_budget(config):.4f}, 1]"
         )
-    best = max(under, key=lambda ip: (ip[1], score(ip[0])))
+    best = max(under, key=lambda ip: (ip[1], round(score(ip[0]), 6), ip[0]["depth"], ip[0]["hidden"]))
     return best[0], f"searched: nothing within ±{tol:g}, largest combination under the budget"
 
 

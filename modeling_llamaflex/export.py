@@ -143,6 +143,12 @@ def resolve_load_budget(cls, path, budget, kwargs: dict):
     config = kwargs.pop("config", None)
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     if not isinstance(config, PreTrainedConfig):  # (remote code may hold another copy of our config class)
+        raw, _ = PreTrainedConfig.get_config_dict(config or path, **hub)
+        if raw.get("model_type") != "llamaflex":
+            raise ValueError(
+                f"{config or path} is a {raw.get('model_type')!r} checkpoint, not a LlamaFlex one; convert a Llama "
+                "parent first: LlamaFlexForCausalLM.from_llama(...) or `python -m modeling_llamaflex convert`"
+            )
         rest = {k: v for k, v in kwargs.items() if k not in hub}
         for key in ("trust_remote_code", "dtype", "torch_dtype", "device_map", "attn_implementation", "output_loading_info"):
             rest.pop(key, None)

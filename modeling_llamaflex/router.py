@@ -35,6 +35,8 @@ class BudgetRouter(nn.Module):
         self.heads = nn.ModuleDict(
             {axis: nn.Sequential(nn.Linear(e, h), nn.SiLU(), nn.Linear(h, len(config.choices[axis]))) for axis in AXES}
         )
+        for head in self.heads.values():  # untrained routers have no preference: uniform choice logits
+            head[-1]._zero_init = True
 
     def forward(self, budget: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per axis for a scalar budget tensor."""

@@ -1,0 +1,134 @@
+"""Command line: convert a Llama parent, show architectures, extract plain Llama sub-models.
+
+    python -m modeling_llamaflex convert --parent PARENT_DIR --calibration text.txt --out FLEX_DIR
+    python -m modeling_llamaflex architecture --model FLEX_DIR --budget 0.5 0.75
+    python -m modeling_llamaflex extract --model FLEX_DIR --budget 0.5 --out SUB_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from . import LlamaFlexForCausalLM
+
+logger = logging.getLogger("modeling_llamaflex")
+
+
+def calibration_blocks(tokenizer, paths: list[str], num_samples: int, seq_len: int) -> torch.Tensor:
+    """`num_samples` blocks of `seq_len` token ids, taken evenly from the concatenated text files."""
+    ids: list[int] = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"calibration file {path!r} does not exist")
+        with open(path, encoding="utf-8") as fh:
+            ids.extend(tokenizer(fh.read())["input_ids"])
+    blocks = len(ids) // seq_len
+    if blocks == 0:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one block of --seq_len {seq_len}")
+    data = torch.tensor(ids[: blocks * seq_len]).reshape(blocks, seq_len)
+    step = max(1, blocks // num_samples)
+    return data[::step][:num_samples]
+
+
+def cmd_convert(args) -> None:
+    from transformers import AutoTokenizer
+
+    from .convert import load_llama
+
+    parent = load_llama(args.parent)
+    elastic = json.loads(args.elastic) if args.elastic else {}
+    data = None
+    if args.calibration:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.parent)
+        data = calibration_blocks(tokenizer, args.calibration, args.num_samples, args.seq_len)
+        print(f"calibrating on {data.shape[0]} sequences of {data.shape[1]} tokens")
+    flex = LlamaFlexForCausalLM.from_llama(parent, data, batch_size=args.batch_size, **elastic)
+    flex.save_pretrained(args.out)
+    if args.calibration:
+        tokenizer.save_pretrained(args.out)
+    print(f"saved LlamaFlex model to {args.out}; choices: {flex.config.choices}; layer ranking: {flex.config.layer_ranking}")
+
+
+def _print_architecture(flex, budget) -> None:
+    arch = flex.architecture(budget)
+    print(f"budget {arch.budget:g}: {arch}")
+
+
+def cmd_architecture(args) -> None:
+    flex = LlamaFlexForCausalLM.from_pretrained(args.model)
+    print(f"parent: {flex.config.parent_parameters():,} non-embedding parameters")
+    for budget in args.budget:
+        _print_architecture(flex, budget)
+
+
+def cmd_extract(args) -> None:
+    from transformers import AutoTokenizer
+
+    flex = LlamaFlexForCausalLM.from_pretrained(args.model)
+    for budget in args.budget:
+        out = args.out if len(args.budget) == 1 else os.path.join(args.out, f"budget-{budget}")
+        if os.path.exists(os.path.join(out, "config.json")) and not args.overwrite:
+            raise FileExistsError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
+        _print_architecture(flex, budget)
+        sub = flex.extract(budget)
+        sub.save_pretrained(out)
+        try:
+            AutoTokenizer.from_pretrained(args.model).save_pretrained(out)
+        except (OSError, ValueError):
+            logger.info("no tokenizer next to %s; saved the weights only", args.model)
+        print(f"  -> {out} (plain LlamaForCausalLM, loads without remote code)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m modeling_llamaflex", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="a Llama checkpoint -> an elastic LlamaFlex checkpoint")
+    p.add_argument("--parent", required=True, help="Llama checkpoint folder (or hub id)")
+    p.add_argument("--out", required=True, help="folder for the LlamaFlex checkpoint")
+    p.add_argument("--calibration", nargs="*", help="text files for importance ranking (none: keep the order)")
+    p.add_argument("--tokenizer", help="tokenizer (default: the parent's)")
+    p.add_argument("--num_samples", type=int, default=256, help="calibration sequences")
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--elastic", help='JSON of LlamaFlexConfig overrides, e.g. \'{"budgets": [0.5, 0.75]}\'')
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("architecture", help="print the architecture chosen for each budget")
+    p.add_argument("--model", required=True)
+    p.add_argument("--budget", nargs="+", required=True, help="fractions in (0, 1] or sizes such as 3B")
+    p.set_defaults(func=cmd_architecture)
+
+    p = sub.add_parser("extract", help="save plain Llama sub-models")
+    p.add_argument("--model", required=True, help="LlamaFlex checkpoint folder")
+    p.add_argument("--budget", nargs="+", required=True, help="fractions in (0, 1] or sizes such as 3B")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per budget when several)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    p.set_defaults(func=cmd_extract)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.budget = [_number(b) for b in getattr(args, "budget", [])] if hasattr(args, "budget") else None
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # sizes such as "3B"; validated by parse_budget
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The command line: convert, architecture, extract; errors exit with code 2 and a message."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_model import ATOL
+from transformers import AutoModelForCausalLM
+
+from modeling_llamaflex import LlamaFlexForCausalLM
+from modeling_llamaflex.__main__ import main
+
+
+def test_convert_architecture_extract(tmp_path, input_ids, capsys):
+    parent = tiny_llama()
+    parent.save_pretrained(tmp_path / "parent")
+    main(["convert", "--parent", str(tmp_path / "parent"), "--out", str(tmp_path / "flex"),
+          "--elastic", '{"budgets": [0.5, 0.8]}'])
+    flex = LlamaFlexForCausalLM.from_pretrained(tmp_path / "flex")
+    assert flex.config.budgets == [0.5, 0.8]
+    torch.testing.assert_close(flex(input_ids).logits, parent(input_ids).logits, atol=ATOL, rtol=0)
+
+    main(["architecture", "--model", str(tmp_path / "flex"), "--budget", "0.5", "90K"])
+    printed = capsys.readouterr().out
+    assert "budget 0.5:" in printed and f"params={flex.architecture(0.5).num_parameters:,}" in printed
+
+    main(["extract", "--model", str(tmp_path / "flex"), "--budget", "0.5", "0.8", "--out", str(tmp_path / "subs")])
+    for budget in (0.5, 0.8):
+        sub = AutoModelForCausalLM.from_pretrained(tmp_path / "subs" / f"budget-{budget}")
+        torch.testing.assert_close(sub(input_ids).logits, flex(input_ids, budget=budget).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["extract", "--budget", "0.01"], "cannot be reached"),
+        (["extract", "--budget", "half"], "is not a number"),
+        (["architecture", "--budget", "1.5"], r"outside \(0, 1\]"),
+    ],
+)
+def test_cli_errors(tmp_path, capsys, args, message):
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama())
+    flex.save_pretrained(tmp_path / "flex")
+    args = args[:1] + ["--model", str(tmp_path / "flex")] + args[1:]
+    if args[0] == "extract":
+        args += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_cli_refuses_a_plain_llama_and_an_existing_output(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path / "parent")
+    with pytest.raises(SystemExit):
+        main(["extract", "--model", str(tmp_path / "parent"), "--budget", "0.5", "--out", str(tmp_path / "x")])
+    assert "not a LlamaFlex one" in capsys.readouterr().err
+    LlamaFlexForCausalLM.from_llama(tiny_llama()).save_pretrained(tmp_path / "flex")
+    main(["extract", "--model", str(tmp_path / "flex"), "--budget", "0.5", "--out", str(tmp_path / "sub")])
+    before = (tmp_path / "sub" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["extract", "--model", str(tmp_path / "flex"), "--budget", "0.8", "--out", str(tmp_path / "sub")])
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "sub" / "model.safetensors").read_bytes() == before
