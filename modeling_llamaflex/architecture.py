@@ -72,6 +72,11 @@ def make_architecture(config: LlamaFlexConfig, indices: dict[str, int], **info) 
     return Architecture(**values, kept_layers=kept, num_parameters=int(params), indices=dict(indices), **info)
 
 
+def is_full(config: LlamaFlexConfig, indices: dict[str, int]) -> bool:
+    """True for the parent's own architecture (the largest choice on every axis)."""
+    return all(indices[axis] == len(config.choices[axis]) - 1 for axis in AXES)
+
+
 def full_architecture(config: LlamaFlexConfig, **info) -> Architecture:
     return make_architecture(config, {axis: len(config.choices[axis]) - 1 for axis in AXES}, **info)
 
@@ -167,6 +172,7 @@ __all__ = [
     "count_parameters",
     "expected_parameters",
     "full_architecture",
+    "is_full",
     "make_architecture",
     "search_architecture",
     "smallest_budget",

@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM, PreTrainedConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import cached_file
 
-from .architecture import Architecture, architecture_for_logits
+from .architecture import Architecture, architecture_for_logits, is_full
 from .configuration_llamaflex import LlamaFlexConfig, parse_budget
 from .elastic import Policy
 from .modulation import PolicyModulation
@@ -103,8 +103,8 @@ def sub_model_sizes(arch: Architecture) -> dict[str, int]:
 
 def _fold_gains(model, arch: Architecture) -> torch.Tensor | None:
     modulation = model.model.modulation if hasattr(model, "model") else model.modulation
-    if modulation is None:
-        return None
+    if modulation is None or is_full(model.config, arch.indices):
+        return None  # the full architecture runs without modulation
     policy = Policy.one_hot(model.config, arch.indices, device=next(modulation.parameters()).device)
     return modulation(policy.probs)
 
@@ -222,7 +222,7 @@ def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
     with torch.no_grad():
         arch = architecture_for_logits(config, b, router(torch.tensor(b)))
     gains = None
-    if config.use_modulation:
+    if config.use_modulation and not is_full(config, arch.indices):
         modulation = PolicyModulation(config)
         modulation.load_state_dict(reader.module_state("model.modulation."), strict=False)
         with torch.no_grad():

@@ -12,6 +12,7 @@ so a Llama checkpoint loads as is. A forward runs one of three ways:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,11 +31,19 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .architecture import Architecture, architecture_for_logits
+from .architecture import Architecture, architecture_for_logits, budget_loss, expected_parameters, is_full
 from .configuration_llamaflex import AXES, LlamaFlexConfig, parse_budget
 from .elastic import ElasticLinear, ElasticRMSNorm, ElasticState, Policy, apply_mask
 from .modulation import AxisModulation, PolicyModulation
 from .router import BudgetRouter, gumbel_softmax
+
+
+@dataclass
+class LlamaFlexCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus, for routed forwards, the router's budget loss and expected size."""
+
+    budget_loss: torch.Tensor | None = None
+    expected_parameters: torch.Tensor | None = None
 
 
 class LlamaFlexMLP(nn.Module):
@@ -282,6 +291,8 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
             if budget is None:
                 return None
             architecture = self.architecture(budget)
+        if is_full(self.config, architecture.indices):
+            return None  # the parent itself: no slicing, no modulation
         return Policy.one_hot(self.config, architecture.indices, device=self.embed_tokens.weight.device)
 
     # ---- forward ----
@@ -392,9 +403,23 @@ class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         budget: float | str | None = None,
         policy: Policy | None = None,
+        route_mode: str | None = None,
+        generator: torch.Generator | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> LlamaFlexCausalLMOutput:
+        r"""
+        budget: run the sub-model of this budget (sliced). Without it, `config.budget`, else the full model.
+        policy: run an explicit `Policy` (from `route()` or `Policy.one_hot`) instead.
+        route_mode: "soft" or "hard": sample the policy for `budget` from the routers inside this forward
+            (training; Gumbel noise from `generator`), and return the budget loss and expected size with it.
+        """
+        routed_budget = None
+        if route_mode is not None:
+            if budget is None:
+                raise ValueError("route_mode needs a budget to route")
+            policy = self.model.route(budget, route_mode, generator)
+            routed_budget = parse_budget(budget, self.config.parent_parameters())
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -416,7 +441,11 @@ class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+        output = LlamaFlexCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+        if routed_budget is not None:
+            output.budget_loss = budget_loss(self.config, policy.probs, routed_budget)
+            output.expected_parameters = expected_parameters(self.config, policy.probs)
+        return output
 
 
 __all__ = ["LlamaFlexForCausalLM", "LlamaFlexModel", "LlamaFlexPreTrainedModel"]

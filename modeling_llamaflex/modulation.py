@@ -1,8 +1,9 @@
 """Policy-aware modulation (DESIGN.md §3.4): tiny networks that rescale the elastic branches.
 
 For each axis a, M_a: sin_16(c / c_max) → Linear(16, 128) → SiLU → Linear(128, 2·L), last layer zero-initialised,
-gives per-layer gains 1 + Δ for the attention (row 0) and MLP (row 1) branch outputs. Soft policies feed the
-π-weighted embedding of the choices. Gains of all axes multiply; at export they fold into o_proj/down_proj.
+gives per-layer gains 1 + Δ for the attention (row 0) and MLP (row 1) branch outputs, with Δ = M_a(x) − M_a(x_full),
+so that the full choice has gain exactly 1 (ours: the parent stays the parent, in training as at export). Soft
+policies feed the π-weighted embedding of the choices. Gains of all axes multiply; at export they fold into o_proj/down_proj.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class AxisModulation(nn.Module):
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         """(2, L) gains 1 + Δ for choice probabilities `probs` of this axis."""
         embedding = probs.to(self.choice_embedding.dtype) @ self.choice_embedding
-        delta = self.net(embedding.to(self.net[0].weight.dtype))
+        both = torch.stack([embedding, self.choice_embedding[-1]]).to(self.net[0].weight.dtype)
+        out = self.net(both)
+        delta = out[0] - out[1]  # measured from the full choice: the parent itself is never modulated
         return 1.0 + delta.reshape(2, self.num_layers)
 
 

@@ -175,3 +175,13 @@ def test_llama31_8b_on_meta_device():
         indices, note = search_architecture(config, budget)
         arch = make_architecture(config, indices)
         assert "within" in note and abs(arch.num_parameters / (budget * layers) - 1) <= config.budget_tolerance
+
+
+def test_modulation_leaves_the_full_model_alone(llama, input_ids):
+    """Gains are measured from the full choice: a trained modulation never changes the parent."""
+    flex = elastic(llama)
+    full = {"hidden": 4, "heads": 2, "mlp": 6, "depth": 2}
+    gains = flex.model.modulation(Policy.one_hot(flex.config, full).probs)
+    assert torch.equal(gains, torch.ones_like(gains))
+    logits = flex(input_ids, policy=Policy.one_hot(flex.config, full, sliced=False)).logits
+    torch.testing.assert_close(logits, llama(input_ids).logits, atol=ATOL, rtol=0)
