@@ -173,6 +173,9 @@ class LlamaFlexPreTrainedModel(PreTrainedModel):
         if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        if isinstance(module, nn.Linear) and getattr(module, "_fan_in_init", False):
+            init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
+            init.zeros_(module.bias)
         if isinstance(module, AxisModulation):
             init.copy_(module.choice_embedding, module.make_table())
 
@@ -229,6 +232,7 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
         # schedules set these during training (DESIGN.md §4)
         self.gumbel_temperature = 1.0
         self.logit_scale = 1.0
+        self.hard_sample_probability = 0.0
         self._architecture_cache: dict = {}
         self.gradient_checkpointing = False
         self.post_init()
@@ -269,10 +273,11 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
         """The sub-model for `budget` (a fraction, or a size such as "3B"): see `architecture_for_logits`."""
         self._require_elastic()
         b = parse_budget(budget, self.parent_parameters())
-        key = (b, tuple(p._version for p in self.router.parameters()))
+        logits = self.router(torch.tensor(b, device=self.embed_tokens.weight.device))
+        # keyed on the logits themselves: cheap to compute, and never stale after an optimizer step
+        key = (b, tuple(tuple(logits[a].float().cpu().tolist()) for a in AXES))
         if key in self._architecture_cache:
             return self._architecture_cache[key]
-        logits = self.router(torch.tensor(b, device=self.embed_tokens.weight.device))
         arch = architecture_for_logits(self.config, b, logits)
         self._architecture_cache = {key: arch}
         return arch

@@ -24,6 +24,11 @@ def sinusoidal(x: torch.Tensor, dim: int, max_frequency: float = 1000.0) -> torc
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+# Low frequencies only: nearby budgets get nearby embeddings, so the routers interpolate between the
+# budgets they were trained on (a frequency of 10 rad per unit budget resolves steps of a few percent).
+BUDGET_MAX_FREQUENCY = 10.0
+
+
 class BudgetRouter(nn.Module):
     """Shared budget embedding plus one logit MLP per elastic axis."""
 
@@ -37,13 +42,23 @@ class BudgetRouter(nn.Module):
         )
         for head in self.heads.values():  # untrained routers have no preference: uniform choice logits
             head[-1]._zero_init = True
+        for layer in [self.embed] + [head[0] for head in self.heads.values()]:
+            layer._fan_in_init = True  # unit-variance features, so the budget is visible to the heads from step 0
 
     def forward(self, budget: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per axis for a scalar budget tensor."""
         dtype = self.embed.weight.dtype
-        features = sinusoidal(budget.reshape(()), self.embed_dim).to(dtype)
+        features = sinusoidal(budget.reshape(()), self.embed_dim, max_frequency=BUDGET_MAX_FREQUENCY).to(dtype)
         shared = F.silu(self.embed(features))
-        return {axis: head(shared) for axis, head in self.heads.items()}
+        return {axis: normalize_logits(head(shared)) for axis, head in self.heads.items()}
+
+
+def normalize_logits(raw: torch.Tensor) -> torch.Tensor:
+    """Centre the logits and bound their spread, (l − mean) / sqrt(var + 1), so that only the logit scale κ
+    (a schedule) makes the choice sharp. Unbounded logits saturate the softmax within a few hundred steps at the
+    paper's learning rate, and the budget loss then has no gradient left to move a wrong choice."""
+    centred = raw - raw.mean(-1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1.0)
 
 
 def gumbel_softmax(

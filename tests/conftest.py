@@ -14,6 +14,8 @@ if ROOT not in sys.path:
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+torch.set_num_threads(1)  # tiny models: threads only add contention (and spin-waits on a busy machine)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (run with `-m slow`; CI runs them)")

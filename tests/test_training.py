@@ -1,0 +1,184 @@
+"""Elastic training: parameter groups, schedules, budget sampling, router learning, resume, ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_llama
+from datasets import Dataset
+
+from modeling_llamaflex import LlamaFlexForCausalLM
+from training.arguments import FlexTrainingArguments
+from training.trainer import BudgetSampler, FlexTrainer, distillation_loss, parameter_group
+
+
+def dataset(n: int = 64, length: int = 16, seed: int = 0) -> Dataset:
+    torch.manual_seed(seed)
+    ids = torch.randint(3, 128, (n, length)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids, "attention_mask": [[1] * length] * n})
+
+
+def arguments(tmp_path, **overrides) -> FlexTrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, logging_steps=3,
+        report_to=[], learning_rate=1e-3, save_strategy="no", use_cpu=True, lm_loss_weight=0.5,
+        full_budget_probability=0.25, hard_sample_probability=0.5, dataloader_num_workers=0, seed=0,
+    )
+    values.update(overrides)
+    return FlexTrainingArguments(**values)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_steps_train_all_three_groups(tmp_path):
+    parent = tiny_llama()
+    flex = LlamaFlexForCausalLM.from_llama(parent, budgets=[0.5, 0.75])
+    before = snapshot(flex)
+    args = arguments(tmp_path, router_learning_rate=0.03, modulation_learning_rate=0.02)
+    trainer = FlexTrainer(model=flex, args=args, teacher_model=parent, train_dataset=dataset())
+    optimizer = trainer.create_optimizer()
+    assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [("llm", 1e-3), ("router", 0.03), ("modulation", 0.02)]
+    trainer.train()
+    changed = {g: False for g in ("llm", "router", "modulation")}
+    for name, p in flex.named_parameters():
+        if not torch.equal(p.detach(), before[name]):
+            changed[parameter_group(name)] = True
+    assert changed == {"llm": True, "router": True, "modulation": True}
+    # schedules ran: τ decayed, κ rose
+    assert flex.model.gumbel_temperature < 1.0 and flex.model.logit_scale > 1.0
+    assert set(trainer.tokens_per_budget) <= {0.5, 0.75, 1.0} and sum(trainer.tokens_per_budget.values()) == 6 * 4 * 16
+
+
+def test_frozen_llm_trains_routers_and_modulation_only(tmp_path):
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), budgets=[0.5])
+    before = snapshot(flex)
+    trainer = FlexTrainer(model=flex, args=arguments(tmp_path, freeze_llm=True, distillation_weight=0), train_dataset=dataset())
+    assert [g["name"] for g in trainer.create_optimizer().param_groups] == ["router", "modulation"]
+    trainer.train()
+    for name, p in flex.named_parameters():
+        if parameter_group(name) == "llm":
+            assert torch.equal(p.detach(), before[name]), name
+
+
+def test_routers_learn_their_budgets(tmp_path):
+    """With the budget loss alone, every trained budget's router pick ends within tolerance (no fallback)."""
+    budgets = [0.4, 0.55, 0.7, 0.85]
+    # head choices that divide every hidden choice: every pick is exportable, so no pick is re-searched for that
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), budgets=budgets, head_choices=[4, 8])
+    assert any(flex.architecture(b).note for b in budgets)  # untrained routers miss
+    args = arguments(
+        tmp_path, max_steps=600, freeze_llm=True, distillation_weight=0, lm_loss_weight=0, budget_loss_weight=1.0,
+        full_budget_probability=0.0, hard_sample_probability=0.0, hard_phase_start=0.5, router_learning_rate=2e-3,
+        logging_steps=1000, per_device_train_batch_size=1, logit_scale_end=10.0,
+    )
+    FlexTrainer(model=flex, args=args, train_dataset=dataset(8, 4)).train()
+    for budget in budgets:
+        arch = flex.architecture(budget)
+        assert arch.note == "", f"budget {budget}: {arch}"
+        assert abs(arch.num_parameters / arch.target_parameters - 1) <= flex.config.budget_tolerance
+
+
+def test_sampler_is_the_same_on_every_rank():
+    ranks = [BudgetSampler([0.5, 0.75], [1.0, 3.0], 1 / 3, seed=7) for _ in range(2)]
+    seen = set()
+    for step in range(50):
+        draws = []
+        for sampler in ranks:
+            budget, hard, generator = sampler.sample(step, 0, 0.5)
+            draws.append((budget, hard, torch.rand(4, generator=generator).tolist()))
+        assert draws[0] == draws[1]
+        seen.add(draws[0][0])
+    assert seen == {0.5, 0.75, 1.0}
+    with pytest.raises(ValueError, match="budget_weights has 3 entries"):
+        BudgetSampler([0.5, 0.75], [1, 1, 1], 0.3, 0)
+
+
+def test_distillation_loss_is_forward_kl():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    p = teacher.softmax(-1)
+    expected = (p * (p.log() - student.log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(distillation_loss(student, teacher, None, 1.0), expected)
+    assert distillation_loss(teacher, teacher, torch.ones(2, 3), 1.0).abs() < 1e-6
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="full_budget_probability=1.5"):
+        arguments(tmp_path, full_budget_probability=1.5)
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        arguments(tmp_path, distillation_weight=0, lm_loss_weight=0, budget_loss_weight=0)
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama())
+    with pytest.raises(ValueError, match="needs teacher_model"):
+        FlexTrainer(model=flex, args=arguments(tmp_path), train_dataset=dataset())
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    def run(max_steps, resume=None, out="a"):
+        torch.manual_seed(0)
+        parent = tiny_llama()
+        flex = LlamaFlexForCausalLM.from_llama(parent, budgets=[0.5, 0.75])
+        args = arguments(tmp_path, output_dir=str(tmp_path / out), max_steps=8, save_strategy="steps", save_steps=4,
+                         logging_steps=2, gradient_accumulation_steps=2)
+        trainer = FlexTrainer(model=flex, args=args, teacher_model=parent, train_dataset=dataset())
+        if resume is None and max_steps < 8:  # interrupt after the checkpoint at step 4
+            trainer.add_callback(StopAt(max_steps))
+        trainer.train(resume_from_checkpoint=resume)
+        return snapshot(flex)
+
+    full = run(8, out="uninterrupted")
+    run(4, out="interrupted")
+    shutil.rmtree(tmp_path / "interrupted" / "checkpoint-8", ignore_errors=True)
+    resumed = run(8, resume=str(tmp_path / "interrupted" / "checkpoint-4"), out="interrupted")
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
+
+
+class StopAt(__import__("transformers").TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.slow
+def test_run_py_under_zero3_with_two_processes(tmp_path):
+    """`deepspeed --num_gpus 2 training/run.py` on the CPU: partitioned parameters, a checkpoint that loads."""
+    text = "\n".join(f"line {i} of some text, with words and words {i % 7}" for i in range(3000))
+    (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "val.txt").write_text(text[:20000])
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + sorted(set(text.split())))}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = ["deepspeed", "--num_gpus", "2", os.path.join(ROOT, "training", "run.py"),
+           "--deepspeed", os.path.join(ROOT, "training", "configs", "zero3_cpu.json"),
+           "--tokenizer", str(tmp_path / "tok"), "--train_file", str(tmp_path / "train.txt"),
+           "--validation_file", str(tmp_path / "val.txt"), "--block_size", "32", "--output_dir", str(out),
+           "--max_steps", "4", "--per_device_train_batch_size", "2", "--logging_steps", "2", "--report_to", "none",
+           "--calibration_samples", "8", "--elastic", '{"budgets": [0.5, 0.75]}', "--save_strategy", "no",
+           "--per_device_eval_batch_size", "8"]
+    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    cmd[0] = deepspeed
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero3_partitioned"]
+    flex = LlamaFlexForCausalLM.from_pretrained(out)
+    sub = flex.extract(0.5)
+    ids = torch.randint(3, 50, (1, 8))
+    torch.testing.assert_close(sub(ids).logits, flex(ids, budget=0.5).logits, atol=1e-5, rtol=0)
+    assert (out / "sub-models" / "budget-0.5" / "config.json").exists()

@@ -1,0 +1,1 @@
+"""Training code for LlamaFlex: corpus and data, the small parent, elastic training."""

@@ -1,0 +1,212 @@
+"""Elastic training of a LlamaFlex model, from a CPU toy to Llama 3.1 8B under DeepSpeed ZeRO-3.
+
+    python training/run.py training/configs/cpu.yaml                                   # one process
+    deepspeed --num_gpus 8 training/run.py training/configs/llama31_8b.yaml            # GPUs, ZeRO-3
+    deepspeed --num_gpus 2 training/run.py training/configs/cpu.yaml --deepspeed training/configs/zero3_cpu.json
+
+A config file (YAML or JSON) comes first; any `--flag value` after it overrides it. Steps:
+
+1. `--parent`: a plain Llama is converted on the main process (importance ranking on `calibration_samples`
+   training blocks) and saved to `<output_dir>/converted`; a LlamaFlex checkpoint is used as is; none at all
+   gives a tiny random Llama (smoke tests). The parent also serves as the frozen distillation teacher.
+2. `FlexTrainer` trains weights, routers and modulation; `--resume_from_checkpoint` continues a run.
+3. The LlamaFlex checkpoint (with auto_map) goes to `output_dir`, the plain-Llama sub-models of the trained
+   budgets to `<output_dir>/sub-models/budget-<b>`, and a summary to `<output_dir>/training_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+if __package__ in (None, ""):  # `python training/run.py` and `deepspeed training/run.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import yaml
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM, set_seed
+
+from modeling_llamaflex import LlamaFlexForCausalLM
+from training.arguments import FlexTrainingArguments
+from training.data import DataArguments, build_lm_datasets, lm_data_collator
+from training.trainer import FlexTrainer
+
+logger = logging.getLogger("training.run")
+
+
+@dataclass
+class ModelArguments:
+    parent: str | None = field(
+        default=None,
+        metadata={"help": "A Llama checkpoint (converted here) or a LlamaFlex checkpoint. None: a tiny random Llama."},
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder (default: the parent's)."})
+    teacher: str | None = field(
+        default=None, metadata={"help": "Distillation teacher (default: the parent, or the LlamaFlex model's own parent)."}
+    )
+    elastic: str | None = field(
+        default=None,
+        metadata={"help": 'LlamaFlexConfig overrides as JSON, e.g. \'{"budgets": [0.5, 0.75], "use_modulation": false}\'.'},
+    )
+    calibration_samples: int = field(default=256, metadata={"help": "Training blocks used to rank units (0: keep the order)."})
+    dtype: str = field(default="float32", metadata={"help": "Dtype of the loaded weights (bfloat16 on GPUs)."})
+    extract_budgets: bool = field(default=True, metadata={"help": "Save the trained budgets' sub-models after training."})
+
+
+def config_to_argv(path: str) -> list[str]:
+    """A YAML/JSON config as command-line flags, so flags given after it override it."""
+    with open(path) as fh:
+        values = yaml.safe_load(fh) if path.endswith((".yaml", ".yml")) else json.load(fh)
+    argv = []
+    for key, value in (values or {}).items():
+        if isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def cpu_deepspeed_setup(argv: list[str]) -> list[str]:
+    """DeepSpeed without CUDA (ENVIRONMENT.md): gloo state before TrainingArguments, and use that state."""
+    if "--deepspeed" not in argv or torch.cuda.is_available():
+        return argv
+    os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}.items():
+        os.environ.setdefault(key, value)
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+    return argv + ["--accelerator_config", json.dumps({"use_configured_state": True})]
+
+
+def parse(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("--"):
+        argv = config_to_argv(argv[0]) + argv[1:]
+    argv = cpu_deepspeed_setup(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, FlexTrainingArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def tiny_parent(vocab_size: int, tokenizer) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    logger.warning("no --parent: using a tiny random Llama (%s); give --parent for real training", config.hidden_size)
+    return LlamaForCausalLM(config)
+
+
+def without_zero3(function, *args, **kwargs):
+    """Run `function` with transformers' ZeRO-3 init switched off (the parent is loaded whole to convert it)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    config = hf_deepspeed.deepspeed_config() and hf_deepspeed._hf_deepspeed_config_weak_ref()
+    if config is None:
+        return function(*args, **kwargs)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        return function(*args, **kwargs)
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def prepare_model(model_args: ModelArguments, training_args, tokenizer, train_dataset):
+    """Convert (main process only) or load the LlamaFlex model; returns (flex, teacher path or model)."""
+    dtype = getattr(torch, model_args.dtype)
+    parent_path = model_args.parent
+    is_flex = parent_path is not None and AutoConfig.from_pretrained(parent_path).model_type == "llamaflex"
+    if is_flex:
+        flex_path = parent_path
+    else:
+        flex_path = os.path.join(training_args.output_dir, "converted")
+        with training_args.main_process_first(desc="converting the parent"):
+            if training_args.process_index == 0 and not os.path.exists(os.path.join(flex_path, "config.json")):
+                parent = (
+                    without_zero3(LlamaForCausalLM.from_pretrained, parent_path, dtype=torch.float32)
+                    if parent_path else tiny_parent(len(tokenizer), tokenizer)
+                )
+                n = min(model_args.calibration_samples, len(train_dataset)) if hasattr(train_dataset, "__len__") else 0
+                calibration = torch.tensor(train_dataset[:n]["input_ids"]) if n > 0 else None
+                elastic = json.loads(model_args.elastic) if model_args.elastic else {}
+                flex = without_zero3(LlamaFlexForCausalLM.from_llama, parent, calibration, **elastic)
+                flex.save_pretrained(flex_path)
+                if parent_path is None:
+                    parent.save_pretrained(os.path.join(training_args.output_dir, "parent"))
+                logger.info("converted parent saved to %s; choices %s", flex_path, flex.config.choices)
+                del flex
+    flex = LlamaFlexForCausalLM.from_pretrained(flex_path, dtype=dtype)
+    teacher = model_args.teacher or parent_path or os.path.join(training_args.output_dir, "parent")
+    return flex, flex_path, teacher
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse(argv)
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_seed(training_args.seed)
+    tokenizer_path = model_args.tokenizer or (model_args.parent if model_args.parent else None)
+    if tokenizer_path is None:
+        raise ValueError("give --tokenizer (or a --parent with its tokenizer): the data must be tokenized")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    with training_args.main_process_first(desc="tokenizing"):
+        datasets = build_lm_datasets(data_args, tokenizer)
+
+    flex, flex_path, teacher_path = prepare_model(model_args, training_args, tokenizer, datasets["train"])
+    teacher = None
+    if training_args.distillation_weight > 0:
+        if AutoConfig.from_pretrained(teacher_path).model_type != "llama":
+            raise ValueError(f"the distillation teacher {teacher_path} must be a plain Llama; give --teacher")
+        teacher = LlamaForCausalLM.from_pretrained(teacher_path, dtype=getattr(torch, model_args.dtype))
+    trainer = FlexTrainer(
+        model=flex,
+        args=training_args,
+        teacher_model=teacher,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("validation"),
+        data_collator=lm_data_collator(tokenizer),
+        processing_class=tokenizer,
+    )
+    partitioned = [getattr(p, "ds_numel", None) is not None and p.numel() == 0 for p in flex.parameters()]
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    metrics = trainer.evaluate() if datasets.get("validation") is not None else {}
+    summary = {
+        "train": result.metrics,
+        "eval": metrics,
+        "tokens_per_budget": {f"{b:g}": n for b, n in sorted(trainer.tokens_per_budget.items())},
+        "architectures": trainer.architecture_report(),
+        "converted_from": flex_path,
+        "world_size": training_args.world_size,
+        "zero3_partitioned": bool(partitioned) and all(partitioned),
+    }
+    if trainer.is_world_process_zero():
+        if model_args.extract_budgets:
+            summary["sub_models"] = save_sub_models(training_args.output_dir, tokenizer)
+        with open(os.path.join(training_args.output_dir, "training_summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        logger.info("saved LlamaFlex model, sub-models and training_summary.json to %s", training_args.output_dir)
+    return summary
+
+
+def save_sub_models(output_dir: str, tokenizer) -> dict[str, dict]:
+    """Extract the trained budgets from the saved checkpoint (whole weights, CPU) as plain Llama folders."""
+    flex = LlamaFlexForCausalLM.from_pretrained(output_dir, dtype=torch.float32)
+    saved = {}
+    for budget in flex.config.budgets:
+        arch = flex.architecture(budget)
+        path = os.path.join(output_dir, "sub-models", f"budget-{budget:g}")
+        flex.extract(arch).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        saved[f"{budget:g}"] = {"path": path, **arch.to_dict()}
+        logger.info("budget %g -> %s: %s", budget, path, arch)
+    return saved
+
+
+if __name__ == "__main__":
+    main()
