@@ -185,3 +185,18 @@ def test_modulation_leaves_the_full_model_alone(llama, input_ids):
     assert torch.equal(gains, torch.ones_like(gains))
     logits = flex(input_ids, policy=Policy.one_hot(flex.config, full, sliced=False)).logits
     torch.testing.assert_close(logits, llama(input_ids).logits, atol=ATOL, rtol=0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(llama, input_ids):
+    flex = elastic(llama).train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            flex.gradient_checkpointing_enable()
+        flex.zero_grad()
+        policy = flex.route(0.6, mode="hard", generator=torch.Generator().manual_seed(0))
+        flex(input_ids, labels=input_ids, policy=policy).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in flex.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)

@@ -177,6 +177,8 @@ def test_run_py_under_zero3_with_two_processes(tmp_path):
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero3_partitioned"]
+    ranks = [json.loads((out / "logs" / f"samples-rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]) == 4 and ranks[0] == ranks[1]  # the same budget and hard/soft draw on both ranks
     flex = LlamaFlexForCausalLM.from_pretrained(out)
     sub = flex.extract(0.5)
     ids = torch.randint(3, 50, (1, 8))

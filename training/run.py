@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
         "world_size": training_args.world_size,
         "zero3_partitioned": bool(partitioned) and all(partitioned),
     }
+    if training_args.world_size > 1:  # each rank's draws, to check that all ranks ran the same architectures
+        os.makedirs(os.path.join(training_args.output_dir, "logs"), exist_ok=True)
+        with open(os.path.join(training_args.output_dir, "logs", f"samples-rank{training_args.process_index}.json"), "w") as fh:
+            json.dump(trainer.sample_log, fh)
     if trainer.is_world_process_zero():
         if model_args.extract_budgets:
             summary["sub_models"] = save_sub_models(training_args.output_dir, tokenizer)
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def save_sub_models(output_dir: str, tokenizer) -> dict[str, dict]:
     """Extract the trained budgets from the saved checkpoint (whole weights, CPU) as plain Llama folders."""
-    flex = LlamaFlexForCausalLM.from_pretrained(output_dir, dtype=torch.float32)
+    flex = without_zero3(LlamaFlexForCausalLM.from_pretrained, output_dir, dtype=torch.float32)  # main process only
     saved = {}
     for budget in flex.config.budgets:
         arch = flex.architecture(budget)

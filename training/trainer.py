@@ -112,6 +112,7 @@ class FlexTrainer(Trainer):
         self._eval_budget: float | None = None
         self._stats = defaultdict(lambda: defaultdict(float))
         self.tokens_per_budget: dict[float, int] = defaultdict(int)
+        self.sample_log: list[tuple[int, int, float, bool]] = []  # (step, micro-step, budget, hard) per forward
 
     # ---- optimizer: three groups ----
     def create_optimizer(self, model=None):
@@ -162,7 +163,9 @@ class FlexTrainer(Trainer):
 
         step = self.state.global_step
         hard_probability = getattr(_flex(model), "hard_sample_probability", args.hard_sample_probability)
-        budget, hard, generator = self.sampler.sample(step, self._next_micro(step), hard_probability)
+        micro = self._next_micro(step)
+        budget, hard, generator = self.sampler.sample(step, micro, hard_probability)
+        self.sample_log.append((step, micro, budget, bool(hard)))
         if budget < 1.0 or args.freeze_llm:  # (a frozen LLM at b = 1 has only the routers left to train)
             forward.update(budget=budget, route_mode="hard" if hard else "soft", generator=generator)
         outputs = model(**forward, labels=labels if args.lm_loss_weight > 0 else None)
@@ -201,8 +204,9 @@ class FlexTrainer(Trainer):
                     logs[f"b{budget:g}/{key}"] = value / n
                 logs[f"b{budget:g}/tokens"] = self.tokens_per_budget[budget]
             self._stats.clear()
+            report = self.architecture_report()  # on every rank: gathering the router is a collective
             if self.is_world_process_zero():
-                for line in self.architecture_report():
+                for line in report:
                     logger.info(line)
         super().log(logs, start_time)
 

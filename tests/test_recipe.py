@@ -1,0 +1,63 @@
+"""The shipped training configs parse, and the Llama 3.1 8B recipe fits 8 x 80 GB under ZeRO-3 (DeepSpeed's estimator)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import ROOT
+from transformers import HfArgumentParser, LlamaConfig
+
+from modeling_llamaflex import LlamaFlexConfig, LlamaFlexForCausalLM
+from training.arguments import FlexTrainingArguments
+from training.data import DataArguments
+from training.run import ModelArguments, config_to_argv
+
+CONFIGS = os.path.join(ROOT, "training", "configs")
+
+
+def parse(name: str, drop=("--deepspeed", "--bf16")):
+    argv = config_to_argv(os.path.join(CONFIGS, name))
+    for flag in drop:  # DeepSpeed and bf16 need their hardware to build TrainingArguments
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+    return HfArgumentParser((ModelArguments, DataArguments, FlexTrainingArguments)).parse_args_into_dataclasses(args=argv)
+
+
+def test_cpu_config_parses():
+    model, data, train = parse("cpu.yaml")
+    assert model.parent == "runs/parent" and data.block_size == 256
+    assert json.loads(model.elastic)["budgets"] == [0.5, 0.625, 0.75, 0.875]
+    assert train.router_learning_rate == 2e-3 and train.max_steps > 0
+
+
+def test_llama31_8b_recipe_is_the_papers():
+    model, data, train = parse("llama31_8b.yaml")
+    assert data.block_size == 4096 and data.streaming
+    assert train.max_steps == 28800 and train.learning_rate == 4e-5 and train.lr_scheduler_type == "cosine"
+    assert train.router_learning_rate == 4e-2 and train.modulation_learning_rate == 4e-2
+    assert train.gumbel_temperature_decay == 0.9999 and (train.logit_scale_start, train.logit_scale_end) == (1.0, 10.0)
+    assert train.per_device_train_batch_size * train.gradient_accumulation_steps * 8 == 128  # on 8 GPUs
+    with open(os.path.join(CONFIGS, "zero3.json")) as fh:
+        assert json.load(fh)["zero_optimization"]["stage"] == 3
+
+
+def test_llama31_8b_fits_eight_80gb_gpus_under_zero3():
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    with open(os.path.join(CONFIGS, "llama31_8b_parent.json")) as fh:
+        parent = LlamaConfig(**{k: v for k, v in json.load(fh).items() if k != "model_type"})
+    with torch.device("meta"):
+        flex = LlamaFlexForCausalLM(LlamaFlexConfig.from_llama_config(parent))
+    total = sum(p.numel() for p in flex.parameters())
+    largest = max(p.numel() for p in flex.parameters())  # the embedding / LM head
+    assert 8.0e9 < total < 8.1e9  # Llama 3.1 8B plus < 1M router and modulation parameters
+    _, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, num_gpus_per_node=8, num_nodes=1, cpu_offload=False, cpu_offload_params=False
+    )
+    teacher_bytes = 2 * total / 8  # the bf16 parent, partitioned by ZeRO-3 as well
+    assert (gpu_bytes + teacher_bytes) / 2**30 < 40  # model states leave half of an 80 GB GPU for activations
