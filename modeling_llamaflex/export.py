@@ -166,9 +166,9 @@ def resolve_load_budget(cls, path, budget, kwargs: dict):
     return config, budget
 
 
-def _safetensors_files(path, kwargs: dict) -> dict[str, str]:
+def safetensors_files(path, kwargs: dict | None = None) -> dict[str, str]:
     """Map every tensor name to the local safetensors file that holds it."""
-    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    hub = {k: v for k, v in (kwargs or {}).items() if k in _HUB_KWARGS}
     index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
     if index is not None:
         with open(index) as fh:
@@ -206,21 +206,29 @@ class SafetensorsReader:
         return {n[len(prefix):]: self.handle(n).get_tensor(n) for n in self.files if n.startswith(prefix)}
 
 
-def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
-    """A model holding only the sub-model of `budget`, read slice by slice from the checkpoint."""
-    files = _safetensors_files(path, kwargs)
-    reader = SafetensorsReader(files)
+def router_architectures(path, config: LlamaFlexConfig, budgets, reader: SafetensorsReader | None = None, **kwargs):
+    """{budget: Architecture} from the checkpoint's router weights alone (no model weights are read)."""
+    reader = reader or SafetensorsReader(safetensors_files(path, kwargs))
     router_state = reader.module_state("model.router.")
     if not router_state:
         raise ValueError(
             f"{path} has no router weights (model.router.*): it cannot choose an architecture for budget "
-            f"{budget!r}. Load it without a budget, or train it with training/run.py first."
+            f"{budgets[0]!r}. Load it without a budget, or train it with training/run.py first."
         )
     router = BudgetRouter(config)
     router.load_state_dict(router_state)
-    b = parse_budget(budget, config.parent_parameters())
+    out = {}
     with torch.no_grad():
-        arch = architecture_for_logits(config, b, router(torch.tensor(b)))
+        for budget in budgets:
+            b = parse_budget(budget, config.parent_parameters())
+            out[budget] = architecture_for_logits(config, b, router(torch.tensor(b)))
+    return out
+
+
+def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
+    """A model holding only the sub-model of `budget`, read slice by slice from the checkpoint."""
+    reader = SafetensorsReader(safetensors_files(path, kwargs))
+    arch = router_architectures(path, config, [budget], reader)[budget]
     gains = None
     if config.use_modulation and not is_full(config, arch.indices):
         modulation = PolicyModulation(config)
@@ -256,4 +264,4 @@ def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
     return model.eval()
 
 
-__all__ = ["extract", "load_at_budget", "sub_model_tensors"]
+__all__ = ["extract", "load_at_budget", "router_architectures", "safetensors_files", "sub_model_tensors"]

@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval": metrics,
         "tokens_per_budget": {f"{b:g}": n for b, n in sorted(trainer.tokens_per_budget.items())},
         "architectures": trainer.architecture_report(),
+        "parent": model_args.parent,
         "converted_from": flex_path,
         "world_size": training_args.world_size,
         "zero3_partitioned": bool(partitioned) and all(partitioned),

@@ -1,0 +1,239 @@
+"""Collect lm-eval results of `eval/run_all.sh` into results.json, results.md and accuracy_vs_params.png.
+
+    python eval/collect.py OUTPUT_DIR MODEL_DIR
+
+Reads every ``OUTPUT_DIR/raw/<label>/<shots>shot/**/results_*.json`` (the newest file wins per task), and for
+each evaluated model (a budget of the flex model, or the parent) records its kind (explicit, interpolated,
+full, parent), its architecture and non-embedding parameter count, the main metric of each task and the
+average of the accuracy-type ones.
+
+Architectures are computed **without loading the weights**: only the router tensors (``model.router.*``) are
+read from the safetensors files and run through the same `architecture_for_logits` that loading at a budget
+uses, so the table shows exactly the sub-model lm-eval evaluated. lm-eval's own parameter count (embeddings
+included) is kept as ``total_parameters`` as a cross-check.
+
+Main metric per task: ``acc_norm`` for HellaSwag-style tasks, else the first of acc, acc_norm, exact_match,
+f1, mc2, word_perplexity, perplexity, bits_per_byte that the task reports. Accuracy-type metrics are shown in
+percent and averaged; perplexities are shown as they are and left out of the average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PREFERRED = {"hellaswag": "acc_norm", "flex_hellaswag": "acc_norm"}
+METRIC_ORDER = ("acc", "acc_norm", "exact_match", "f1", "mc2", "word_perplexity", "perplexity", "bits_per_byte")
+ACCURACY = {"acc", "acc_norm", "exact_match", "f1", "mc1", "mc2", "em"}
+TASK_ORDER = ("arc_easy", "lambada_openai", "piqa", "winogrande", "mmlu", "hellaswag",
+              "flex_lambada", "flex_hellaswag", "flex_ppl")
+KIND_ORDER = {"explicit": 0, "interpolated": 0, "full": 1, "parent": 2}
+
+
+def architectures(model_dir: Path, budgets: list[float]) -> tuple[dict[float, dict], int, list[float]]:
+    """Architecture dicts of `budgets` from the router weights only; the parent's non-embedding parameters;
+    the explicit (trained) budgets."""
+    from modeling_llamaflex import LlamaFlexConfig
+    from modeling_llamaflex.export import router_architectures
+
+    config = LlamaFlexConfig.from_pretrained(model_dir)
+    out = {b: arch.to_dict() for b, arch in router_architectures(str(model_dir), config, budgets).items()}
+    return out, config.parent_parameters(), [round(float(b), 4) for b in config.budgets]
+
+
+def parent_architecture(parent_dir: Path) -> dict:
+    """Sizes and non-embedding parameters of a plain Llama parent, from its config.json."""
+    from transformers import AutoConfig
+
+    from modeling_llamaflex import LlamaFlexConfig
+
+    llama = AutoConfig.from_pretrained(parent_dir)
+    flex = LlamaFlexConfig.from_llama_config(llama)
+    return {"hidden": llama.hidden_size, "heads": llama.num_attention_heads, "mlp": llama.intermediate_size,
+            "depth": llama.num_hidden_layers, "num_parameters": flex.parent_parameters()}
+
+
+def read_raw(output: Path) -> dict[str, dict]:
+    """label -> {model_args, total_parameters, limit, tasks: {task: {shots, metrics, higher_is_better, dataset}}}."""
+    runs: dict[str, dict] = {}
+    for path in sorted((output / "raw").glob("*/*shot/**/results_*.json"), key=lambda p: p.name):
+        data = json.loads(path.read_text())
+        label, shot_dir = path.relative_to(output / "raw").parts[:2]  # (a group's n-shot may only list subtasks)
+        run = runs.setdefault(label, {"tasks": {}})
+        run.update(model_args=data["config"]["model_args"], limit=data["config"].get("limit"),
+                   total_parameters=data["config"].get("model_num_parameters"))
+        subtasks = {t for members in data.get("group_subtasks", {}).values() for t in members}
+        for task, values in data["results"].items():
+            if task in subtasks:
+                continue
+            metrics = {}
+            for key, value in values.items():
+                name, _, flt = key.partition(",")
+                if flt and "_stderr" not in name and isinstance(value, (int, float)):
+                    metrics[name if flt == "none" else key] = value
+            run["tasks"][task] = {"shots": int(shot_dir.removesuffix("shot")), "metrics": metrics,
+                                  "higher_is_better": data.get("higher_is_better", {}).get(task, {}),
+                                  "dataset": _dataset(task, data)}
+    return runs
+
+
+def _dataset(task: str, data: dict) -> dict:
+    """Where a task's data came from (for a group: its first subtask's), as lm-eval's config says."""
+    configs, groups = data.get("configs", {}), data.get("group_subtasks", {})
+    name = task
+    while name not in configs and groups.get(name):
+        name = groups[name][0]
+    config = configs.get(name, {})
+    path = config.get("dataset_path")
+    local = path == "json"
+    return {"path": task if local else path, "name": None if local else config.get("dataset_name"),
+            "split": config.get("test_split") or config.get("validation_split"), "local": local}
+
+
+def main_metric(task: str, metrics: dict) -> str | None:
+    if PREFERRED.get(task) in metrics:
+        return PREFERRED[task]
+    return next((m for m in METRIC_ORDER if m in metrics), next(iter(metrics), None))
+
+
+def collect(output: Path, model_dir: Path) -> dict:
+    """Build the results.json content."""
+    runs = read_raw(output)
+    if not runs:
+        raise FileNotFoundError(f"no lm-eval results under {output / 'raw'}: run eval/run_all.sh first")
+    budgets = {label: float(run["model_args"]["budget"]) for label, run in runs.items() if label != "parent"}
+    archs, parent_params, explicit = architectures(model_dir, sorted(set(budgets.values())))
+    task_names = sorted({t for run in runs.values() for t in run["tasks"]},
+                        key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
+    tasks = {}
+    for t in task_names:
+        info = next(run["tasks"][t] for run in runs.values() if t in run["tasks"])
+        metric = main_metric(t, info["metrics"])
+        tasks[t] = {"metric": metric, "shots": info["shots"], "accuracy": metric in ACCURACY,
+                    "dataset": info["dataset"],
+                    "higher_is_better": info["higher_is_better"].get(metric, metric in ACCURACY)}
+    rows = []
+    for label, run in runs.items():
+        if label == "parent":
+            arch, kind, budget = parent_architecture(Path(run["model_args"]["pretrained"])), "parent", None
+        else:
+            budget = budgets[label]
+            arch = archs[budget]
+            kind = "full" if budget >= 1.0 else "explicit" if round(budget, 4) in explicit else "interpolated"
+        scores = {t: run["tasks"][t]["metrics"].get(tasks[t]["metric"]) for t in task_names if t in run["tasks"]}
+        accs = [v for t, v in scores.items() if tasks[t]["accuracy"] and v is not None]
+        rows.append({
+            "label": label, "budget": budget, "kind": kind, "architecture": arch,
+            "non_embedding_parameters": arch["num_parameters"],
+            "fraction_of_parent": arch["num_parameters"] / parent_params,
+            "total_parameters": run.get("total_parameters"), "limit": run.get("limit"),
+            "metrics": scores, "average": sum(accs) / len(accs) if accs else None,
+            "all_metrics": {t: run["tasks"][t]["metrics"] for t in task_names if t in run["tasks"]},
+        })
+    rows.sort(key=lambda r: (KIND_ORDER[r["kind"]], r["budget"] or 0))
+    return {"model_dir": str(model_dir.resolve()), "parent_non_embedding_parameters": parent_params,
+            "explicit_budgets": explicit, "tasks": tasks, "sub_models": rows}
+
+
+def human(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def fmt(value: float | None, accuracy: bool) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:.1f}" if accuracy else f"{value:.4g}"
+
+
+def markdown(results: dict) -> str:
+    """The table: budget, kind, architecture, non-embedding params, each task's main metric, average."""
+    tasks = results["tasks"]
+    head = ["budget", "kind", "architecture (hidden/heads/mlp/depth)", "non-emb. params"]
+    for t, info in tasks.items():
+        shots = f", {info['shots']}-shot" if info["shots"] else ""
+        head.append(f"{t} ({info['metric']}{shots})")
+    head.append("average acc")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(tasks) + 1)) + "|"]
+    for row in results["sub_models"]:
+        a = row["architecture"]
+        cells = ["–" if row["budget"] is None else f"{row['budget']:g}", row["kind"],
+                 f"{a['hidden']}/{a['heads']}/{a['mlp']}/{a['depth']}", human(row["non_embedding_parameters"])]
+        cells += [fmt(row["metrics"].get(t), info["accuracy"]) for t, info in tasks.items()]
+        cells.append(fmt(row["average"], True))
+        lines.append("| " + " | ".join(cells) + " |")
+    limits = {row["limit"] for row in results["sub_models"]}
+    note = ("Accuracy-type metrics in %, perplexities as they are; the average is over the accuracy-type metrics. "
+            "Non-embedding parameters from the routers' architecture for each budget.")
+    if limits != {None}:
+        note += f" Evaluated on at most {', '.join(f'{x:g}' for x in limits if x)} examples per task (--limit)."
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Average accuracy vs non-embedding parameters; full model (and parent) as horizontal reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    rows = [r for r in results["sub_models"] if r["average"] is not None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    family = sorted((r for r in rows if r["kind"] in ("explicit", "interpolated")),
+                    key=lambda r: r["non_embedding_parameters"])
+    if family:
+        ax.plot([r["non_embedding_parameters"] for r in family], [100 * r["average"] for r in family],
+                color="0.7", zorder=1)
+    for kind, marker, fill in (("explicit", "o", "C0"), ("interpolated", "D", "none")):
+        pts = [r for r in family if r["kind"] == kind]
+        if pts:
+            ax.scatter([r["non_embedding_parameters"] for r in pts], [100 * r["average"] for r in pts], marker=marker,
+                       s=45, facecolors=fill, edgecolors="C0", zorder=2, label=f"{kind} budgets")
+        for r in pts:
+            ax.annotate(f"{r['budget']:g}", (r["non_embedding_parameters"], 100 * r["average"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+    references = (("full", "--", "C3", "full model (budget 1)"), ("parent", ":", "C2", "parent (plain Llama)"))
+    for kind, style, color, text in references:
+        for r in (r for r in rows if r["kind"] == kind):
+            ax.axhline(100 * r["average"], linestyle=style, color=color, label=f"{text}: {100 * r['average']:.1f}")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(f"Accuracy vs size ({', '.join(t for t, i in results['tasks'].items() if i['accuracy'])})", fontsize=9)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human(int(x))))
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Collect lm-eval results of eval/run_all.sh into a table and a plot.")
+    parser.add_argument("output", type=Path, help="the --output folder of run_all.sh (holds raw/)")
+    parser.add_argument("model_dir", type=Path, help="the LlamaFlex checkpoint that was evaluated")
+    args = parser.parse_args(argv)
+    try:
+        results = collect(args.output, args.model_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    (args.output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (args.output / "results.md").write_text(table)
+    plot(results, args.output / "accuracy_vs_params.png")
+    print(table)
+    print(f"wrote {args.output / 'results.json'}, results.md and accuracy_vs_params.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

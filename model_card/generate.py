@@ -1,0 +1,162 @@
+"""Write the model card (README.md) of a LlamaFlex checkpoint from its evaluation results, offline.
+
+    python model_card/generate.py MODEL_DIR --results MODEL_DIR/eval/results.json \
+        [--out MODEL_DIR/README.md] [--plot PNG] [--license apache-2.0] [--base_model ORG/NAME] \
+        [--model_name NAME] [--repo_id ORG/NAME] [--language en]
+
+Uses huggingface_hub's `ModelCard`, `ModelCardData` and `EvalResult`: the YAML metadata holds the license,
+base model, tags, library and pipeline tag, and a model-index with one `EvalResult` per task per evaluated
+budget. Budgets are told apart by the metric's ``config`` (the run label, e.g. ``budget_0.5`` or ``parent``)
+and ``name`` (e.g. ``acc (budget 0.5, explicit)``); the dataset entry is the task (its hub dataset for
+lm-eval's own tasks, the task name for local ones) with its split and shot count.
+
+The body comes from `model_card/template.md` (Jinja): what the model is, how to load a budget and extract a
+plain Llama, the sub-model table (results.md next to results.json), the accuracy-vs-parameters plot (copied
+next to the card and linked relatively), training figures when MODEL_DIR/training_summary.json exists,
+and limitations. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = Path(__file__).resolve().parent / "template.md"
+TAGS = ["llamaflex", "elastic", "llama"]
+
+
+def eval_results(results: dict) -> list[EvalResult]:
+    """One EvalResult per task per evaluated model (budget or parent), its value as in results.json."""
+    out = []
+    for row in results["sub_models"]:
+        where = f"budget {row['budget']:g}, {row['kind']}" if row["budget"] is not None else "parent"
+        for task, value in row["metrics"].items():
+            info = results["tasks"][task]
+            if value is None:
+                continue
+            dataset, shots = info.get("dataset") or {}, info.get("shots") or 0
+            out.append(EvalResult(
+                task_type="text-generation", task_name="Text Generation",
+                dataset_type=dataset.get("path") or task, dataset_name=f"{task} ({shots}-shot)",
+                dataset_config=dataset.get("name"), dataset_split=dataset.get("split"),
+                dataset_args={"num_few_shot": shots},
+                metric_type=info["metric"], metric_value=float(value),
+                metric_name=f"{info['metric']} ({where})", metric_config=row["label"],
+            ))
+    return out
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:.4g}"
+
+
+def training_figures(model_dir: Path) -> dict | None:
+    """Trainer metrics, tokens and validation loss per budget, and architectures from training_summary.json."""
+    path = model_dir / "training_summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    evals = summary.get("eval") or {}
+    tokens = summary.get("tokens_per_budget") or {}
+    losses = {k[len("eval_b"):-len("_loss")]: v for k, v in evals.items()
+              if k.startswith("eval_b") and k.endswith("_loss")}
+    names = set(tokens) | set(losses)
+    budgets = [{"budget": b, "tokens": _fmt(tokens[b]) if b in tokens else "–",
+                "loss": _fmt(losses[b]) if b in losses else "–"}
+               for b in sorted(names, key=float)]
+    return {"train": {k: _fmt(v) for k, v in (summary.get("train") or {}).items()}, "budgets": budgets,
+            "architectures": summary.get("architectures") or [],
+            "base_model": summary.get("base_model") or summary.get("parent")}
+
+
+def parent_facts(model_dir: Path) -> tuple[dict, str, str]:
+    """Parent sizes, its non-embedding parameter count and the smallest reachable budget (config.json only)."""
+    sys.path.insert(0, str(ROOT))
+    from modeling_llamaflex import LlamaFlexConfig
+    from modeling_llamaflex.architecture import smallest_budget
+
+    config = LlamaFlexConfig.from_pretrained(model_dir)
+    parent = {"hidden": config.hidden_size, "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+              "mlp": config.intermediate_size, "depth": config.num_hidden_layers}
+    return parent, f"{config.parent_parameters():,}", f"{smallest_budget(config):.3f}"
+
+
+def build_card(model_dir: Path, results_path: Path, out: Path, plot: Path | None = None, license: str = "apache-2.0",
+               base_model: str | None = None, model_name: str | None = None, repo_id: str | None = None,
+               language: str | None = None) -> ModelCard:
+    """Render the card; copies the plot next to `out`. Returns the card (not yet saved)."""
+    results = json.loads(results_path.read_text())
+    table_path = results_path.with_name("results.md")
+    if table_path.is_file():
+        table = table_path.read_text()
+    else:  # results.json without its table: render it the same way collect.py does
+        sys.path.insert(0, str(ROOT / "eval"))
+        from collect import markdown
+
+        table = markdown(results)
+    plot = plot or results_path.with_name("accuracy_vs_params.png")
+    link = None
+    if plot.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if plot.resolve() != (out.parent / plot.name).resolve():
+            shutil.copyfile(plot, out.parent / plot.name)
+        link = plot.name
+    training = training_figures(model_dir)
+    base = base_model or (training or {}).get("base_model")
+    local_base = base is not None and (Path(base).exists() or base.startswith((".", "/", "~")))
+    name = model_name or model_dir.resolve().name
+    data = ModelCardData(
+        model_name=name, license=license, base_model=None if local_base else base, tags=TAGS,
+        library_name="transformers", pipeline_tag="text-generation", language=language,
+        eval_results=eval_results(results) or None,
+    )
+    parent, parent_params, smallest = parent_facts(model_dir)
+    limits = sorted({r["limit"] for r in results["sub_models"] if r.get("limit")})
+    local = any((info.get("dataset") or {}).get("local") for info in results["tasks"].values())
+    tasks = ", ".join(f"{t} ({i['shots'] or 0}-shot {i['metric']})" for t, i in results["tasks"].items())
+    return ModelCard.from_template(
+        data, template_path=str(TEMPLATE), model_name=name, repo_id=repo_id or name, base_model_text=base,
+        parent=parent, parent_parameters=parent_params, smallest_budget=smallest,
+        explicit_budgets=", ".join(f"{b:g}" for b in results.get("explicit_budgets", [])),
+        task_list=tasks, results_table=table.strip(), plot=link, training=training,
+        has_parent=any(r["kind"] == "parent" for r in results["sub_models"]),
+        eval_source="lm-evaluation-harness" + (" on local tasks" if local else ""),
+        limit=", ".join(f"{x:g}" for x in limits),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write a LlamaFlex model card from eval/collect.py's results.json.")
+    parser.add_argument("model_dir", type=Path, help="the LlamaFlex checkpoint")
+    parser.add_argument("--results", type=Path, required=True, help="results.json written by eval/collect.py")
+    parser.add_argument("--out", type=Path, help="card to write (default MODEL_DIR/README.md)")
+    parser.add_argument("--plot", type=Path, help="plot to embed (default accuracy_vs_params.png next to --results)")
+    parser.add_argument("--license", default="apache-2.0", help="license id for the metadata (default apache-2.0)")
+    parser.add_argument("--base_model", help="hub id of the parent (default: training_summary.json's, if a hub id)")
+    parser.add_argument("--model_name", help="name in the card and model-index (default: MODEL_DIR's name)")
+    parser.add_argument("--repo_id", help="repo id used in the code examples (default: the model name)")
+    parser.add_argument("--language", help="language tag(s) of the metadata, e.g. en")
+    args = parser.parse_args(argv)
+    for path, what in ((args.model_dir / "config.json", "MODEL_DIR/config.json"), (args.results, "--results")):
+        if not path.is_file():
+            print(f"error: {what} {path} does not exist (run eval/run_all.sh to make results.json)", file=sys.stderr)
+            return 2
+    out = args.out or args.model_dir / "README.md"
+    card = build_card(args.model_dir, args.results, out, args.plot, args.license, args.base_model,
+                      args.model_name, args.repo_id, args.language)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    card.save(out)
+    print(f"wrote {out} ({len(card.data.eval_results or [])} evaluation results)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Evaluation: local task building, planning and validation, collecting results, and (slow) the whole
+`eval/run_all.sh` on a tiny checkpoint with lm-eval, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_llama
+
+from modeling_llamaflex import LlamaFlexForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "eval"))
+
+import build_tasks  # noqa: E402
+import collect  # noqa: E402
+import plan  # noqa: E402
+
+WORDS = ("king queen lord lady night day heaven earth love death sword crown blood honour grave ghost father "
+         "mother son daughter storm sea island spirit sleep dream murder castle throne hand heart eye tongue").split()
+
+
+def play_text(seed: int = 0, speeches: int = 80) -> str:
+    """A tiny play laid out like the Gutenberg Shakespeare texts: speaker line, spoken lines, blank line."""
+    rng = random.Random(seed)
+    blocks = ["THE TRAGEDY OF TESTING", "ACT I.", "Scene I. A room in the castle."]
+    for i in range(speeches):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))).capitalize() + rng.choice(",.;:!?")
+                 for _ in range(rng.randint(1, 6))]
+        if i % 7 == 0:
+            lines.insert(1, "[Aside.]")
+        blocks.append("\n".join([rng.choice(["Ham.", "Hor.", "King.", "Queen.", "First Clown."]), *lines]))
+        if i % 10 == 9:
+            blocks.append("[Exeunt.]")
+    return "\n\n".join(blocks) + "\n"
+
+
+def make_checkpoint(root: Path, budgets=(0.5, 0.75)) -> tuple[Path, Path, Path]:
+    """A tiny LlamaFlex checkpoint with a byte-level BPE tokenizer, its plain Llama parent, and a text file."""
+    from training.corpus import train_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    text = root / "play.txt"
+    text.write_text(play_text())
+    model_dir, parent_dir = root / "flex", root / "parent"
+    tokenizer = train_tokenizer([text], model_dir, vocab_size=300)
+    parent = tiny_llama(vocab_size=len(tokenizer))
+    LlamaFlexForCausalLM.from_llama(parent, budgets=list(budgets)).save_pretrained(model_dir)
+    parent.save_pretrained(parent_dir)
+    tokenizer.save_pretrained(parent_dir)
+    return model_dir, parent_dir, text
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(scope="module")
+def task_dir(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tasks")
+    assert build_tasks.main(["--text", str(checkpoint[2]), "--out", str(out), "--max_examples", "12"]) == 0
+    return out
+
+
+def run_all(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(["bash", str(ROOT / "eval" / "run_all.sh"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+# ---- build_tasks ----
+
+def test_build_tasks_is_seeded_and_well_formed(task_dir, checkpoint, tmp_path):
+    again = tmp_path / "again"
+    build_tasks.main(["--text", str(checkpoint[2]), "--out", str(again), "--max_examples", "12"])
+    for name in build_tasks.TASKS:
+        rows = (task_dir / "data" / f"{name}.jsonl").read_text()
+        assert rows == (again / "data" / f"{name}.jsonl").read_text(), f"{name} is not reproducible"
+        rows = [json.loads(line) for line in rows.splitlines()]
+        assert 0 < len(rows) <= 12
+        config = yaml.safe_load((task_dir / f"{name}.yaml").read_text())
+        assert config["dataset_path"] == "json" and config["tag"] == [build_tasks.TAG]
+        assert Path(config["dataset_kwargs"]["data_files"]["test"]).is_absolute()
+    for row in map(json.loads, (task_dir / "data" / "flex_hellaswag.jsonl").read_text().splitlines()):
+        assert len(row["choices"]) == 4 and 0 <= row["gold"] < 4 and len(set(row["choices"])) == 4
+        assert not row["query"].startswith("[")
+    for row in map(json.loads, (task_dir / "data" / "flex_lambada.jsonl").read_text().splitlines()):
+        assert row["text"].split(" ")[-1].isalpha() and "[" not in row["text"]
+    other = tmp_path / "other"
+    build_tasks.main(["--text", str(checkpoint[2]), "--out", str(other), "--max_examples", "12", "--seed", "7"])
+    first = (task_dir / "data" / "flex_hellaswag.jsonl").read_text()
+    assert (other / "data" / "flex_hellaswag.jsonl").read_text() != first
+
+
+def test_lm_eval_indexes_the_local_tasks(task_dir):
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    assert set(build_tasks.TASKS) | {build_tasks.TAG} == set(manager.all_tasks)
+    loaded = manager.load_task_or_group(list(build_tasks.TASKS))
+    assert set(loaded) == set(build_tasks.TASKS)
+    docs = list(loaded["flex_lambada"].test_docs())
+    assert len(docs) > 0 and loaded["flex_hellaswag"].OUTPUT_TYPE == "multiple_choice"
+
+
+def test_build_tasks_refuses_text_without_speeches(tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text("Just some prose without any speakers at all.\n\nAnother paragraph of prose.\n")
+    with pytest.raises(ValueError, match="speeches"):
+        build_tasks.main(["--text", str(text), "--out", str(tmp_path / "t")])
+
+
+# ---- plan ----
+
+def test_default_budgets_explicit_interpolated_full(checkpoint):
+    config = plan.load_flex_config(checkpoint[0])
+    assert plan.default_budgets(config) == {
+        0.375: "interpolated", 0.5: "explicit", 0.625: "interpolated", 0.75: "explicit", 0.875: "interpolated",
+        1.0: "full",
+    }
+    config.budgets = [0.12, 0.5]  # half a gap below 0.12 is below the smallest reachable budget: left out
+    assert plan.default_budgets(config) == {0.12: "explicit", 0.31: "interpolated", 0.5: "explicit",
+                                            0.75: "interpolated", 1.0: "full"}
+
+
+def test_parse_tasks_groups_by_shots():
+    assert plan.parse_tasks("arc_easy:0, piqa, mmlu:5,hellaswag:10", 0) == {0: ["arc_easy", "piqa"], 5: ["mmlu"],
+                                                                         10: ["hellaswag"]}
+    with pytest.raises(plan.PlanError, match="integer"):
+        plan.parse_tasks("mmlu:five", 0)
+    with pytest.raises(plan.PlanError, match="given with 0 and 5 shots"):
+        plan.parse_tasks("mmlu:0,mmlu:5", 0)
+
+
+def test_plan_emits_one_call_per_budget_and_skips_finished_ones(checkpoint, task_dir, tmp_path):
+    out, emit = tmp_path / "out", tmp_path / "plan.txt"
+    args = [str(checkpoint[0]), "--task_dir", str(task_dir), "--output", str(out), "--emit", str(emit),
+            "--tasks", "flex_lambada,llamaflex_local:2", "--budgets", "0.5,0.6,1", "--limit", "3"]
+    assert plan.main(args) == 0
+    lines = emit.read_text().splitlines()
+    assert len(lines) == 6  # 3 budgets x 2 shot groups; the tag expands to its tasks
+    assert lines[0].startswith("[1/3] budget 0.5 (explicit), 0-shot flex_lambada\t")
+    assert "budget 0.6 (interpolated), 2-shot flex_hellaswag,flex_lambada,flex_ppl" in lines[3]
+    assert "budget=0.6" in lines[3] and "HF_HUB_OFFLINE=1" in lines[3] and "--limit 3" in lines[3]
+    assert not out.exists()
+    done = out / "raw" / "budget_0.5" / "0shot" / "m" / "results_2026-01-01T00-00-00.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"results": {"flex_lambada": {"acc,none": 0.5}}}))
+    assert plan.main(args) == 0
+    assert len(emit.read_text().splitlines()) == 5
+    assert plan.main(args + ["--force"]) == 0
+    assert len(emit.read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budgets", "0.01"], "allowed budgets are [0.1028, 1]"),
+        (["--budgets", "1.5"], "outside (0, 1]"),
+        (["--budgets", "half"], "is not a number"),
+        (["--tasks", "flex_lambda"], "unknown task(s) flex_lambda: not in lm-eval's registry nor in the task folder"),
+    ],
+)
+def test_run_all_refuses_bad_budgets_and_tasks_before_loading(checkpoint, task_dir, tmp_path, extra, message):
+    out = tmp_path / "out"
+    result = run_all(str(checkpoint[0]), "--task_dir", str(task_dir), "--output", str(out), *extra, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "lm_eval run" not in result.stdout
+    assert not out.exists()
+
+
+def test_run_all_refuses_a_plain_llama_and_a_missing_task_folder(checkpoint, tmp_path):
+    result = run_all(str(checkpoint[1]), "--local", "--task_dir", str(tmp_path / "none"), timeout=120)
+    assert result.returncode == 2 and "not a LlamaFlex one" in result.stderr
+    result = run_all(str(checkpoint[0]), "--task_dir", str(tmp_path / "none"), "--output", str(tmp_path / "o"))
+    assert result.returncode == 2 and "build it with" in result.stderr and not (tmp_path / "o").exists()
+
+
+# ---- collect (on lm-eval-shaped results, no lm-eval run) ----
+
+def fake_results(out: Path, label: str, model_args: dict, results: dict, shots: int = 0, stamp: str = "00",
+                 groups: dict | None = None) -> None:
+    """A results file shaped like lm-eval 0.4.13's, as run_all.sh lays them out."""
+    path = out / "raw" / label / f"{shots}shot" / "model" / f"results_2026-01-01T00-00-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    configs = {t: {"dataset_path": "json" if t.startswith("flex") else f"org/{t}", "dataset_name": None,
+                   "test_split": "test"} for t in results}
+    data = {"results": results, "group_subtasks": groups or {}, "configs": configs,
+            "n-shot": {t: shots for t in results}, "higher_is_better": {},
+            "config": {"model_args": model_args, "limit": 4.0, "model_num_parameters": 1000}}
+    path.write_text(json.dumps(data))
+
+
+def fake_output(out: Path, model_dir: Path, parent_dir: Path | None = None) -> None:
+    for i, b in enumerate((0.375, 0.5, 0.625, 1.0)):
+        args = {"pretrained": str(model_dir), "trust_remote_code": True, "budget": b}
+        fake_results(out, plan.budget_label(b), args, {
+            "flex_lambada": {"alias": "flex_lambada", "acc,none": 0.1 * i, "acc_stderr,none": 0.01,
+                             "perplexity,none": 50.0 - i},
+            "flex_ppl": {"word_perplexity,none": 100.0 - i, "bits_per_byte,none": 2.0},
+        })
+        fake_results(out, plan.budget_label(b), args, shots=5, groups={"mmlu": ["mmlu_a", "mmlu_b"]}, results={
+            "mmlu": {"acc,none": 0.25 + 0.01 * i}, "mmlu_a": {"acc,none": 0.2}, "mmlu_b": {"acc,none": 0.3},
+        })
+    fake_results(out, plan.budget_label(0.5), {"pretrained": str(model_dir), "budget": 0.5}, stamp="59",
+                 results={"flex_lambada": {"acc,none": 0.9, "perplexity,none": 3.0}})  # a newer run wins
+    if parent_dir is not None:
+        fake_results(out, "parent", {"pretrained": str(parent_dir)}, {"flex_lambada": {"acc,none": 0.5}})
+
+
+def test_collect_table_and_plot(checkpoint, tmp_path):
+    model_dir, parent_dir, _ = checkpoint
+    out = tmp_path / "eval"
+    fake_output(out, model_dir, parent_dir)
+    assert collect.main([str(out), str(model_dir)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["tasks"]) == ["mmlu", "flex_lambada", "flex_ppl"]
+    assert results["tasks"]["mmlu"]["shots"] == 5 and results["tasks"]["flex_ppl"]["metric"] == "word_perplexity"
+    rows = {r["label"]: r for r in results["sub_models"]}
+    assert [r["kind"] for r in results["sub_models"]] == ["interpolated", "explicit", "interpolated", "full", "parent"]
+    flex = LlamaFlexForCausalLM.from_pretrained(model_dir)
+    for b in (0.375, 0.5, 0.625, 1.0):
+        row = rows[plan.budget_label(b)]
+        assert row["architecture"] == flex.architecture(b).to_dict()
+        assert row["non_embedding_parameters"] == flex.architecture(b).num_parameters
+    assert rows["budget_0.5"]["metrics"] == {"mmlu": 0.26, "flex_lambada": 0.9, "flex_ppl": 99.0}
+    assert rows["budget_0.5"]["average"] == pytest.approx((0.26 + 0.9) / 2)  # perplexity left out
+    assert rows["parent"]["non_embedding_parameters"] == flex.config.parent_parameters()
+    table = (out / "results.md").read_text()
+    cells = ("| 0.375 | interpolated |", "| 0.5 | explicit |", "| 1 | full |", "| – | parent |", "mmlu (acc, 5-shot)")
+    assert all(cell in table for cell in cells), table
+    assert (out / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_collect_without_results_says_so(checkpoint, tmp_path, capsys):
+    assert collect.main([str(tmp_path), str(checkpoint[0])]) == 2
+    assert "run eval/run_all.sh first" in capsys.readouterr().err
+
+
+# ---- the whole pipeline with lm-eval (slow: one lm-eval process per budget) ----
+
+@pytest.mark.slow
+def test_run_all_end_to_end_with_local_tasks(checkpoint, task_dir, tmp_path):
+    from test_model_card import check_card
+
+    model_dir, parent_dir, _ = checkpoint
+    out = tmp_path / "eval"
+    args = [str(model_dir), "--local", "--task_dir", str(task_dir), "--limit", "4", "--batch_size", "4",
+            "--output", str(out), "--parent", str(parent_dir)]
+    result = run_all(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[2/7] budget 0.5 (explicit)" in result.stdout and "[7/7] parent" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    kinds = {r["label"]: r["kind"] for r in results["sub_models"]}
+    assert kinds == {"budget_0.375": "interpolated", "budget_0.5": "explicit", "budget_0.625": "interpolated",
+                     "budget_0.75": "explicit", "budget_0.875": "interpolated", "budget_1": "full", "parent": "parent"}
+    assert list(results["tasks"]) == ["flex_lambada", "flex_hellaswag", "flex_ppl"]
+    for row in results["sub_models"]:
+        assert set(row["metrics"]) == set(results["tasks"]) and row["average"] is not None
+        arch = row["architecture"]  # lm-eval's own count: non-embedding + embeddings + untied lm_head
+        assert row["total_parameters"] == row["non_embedding_parameters"] + 2 * 300 * arch["hidden"]
+    full, parent = results["sub_models"][-2:]
+    assert full["metrics"] == pytest.approx(parent["metrics"])  # an untrained flex model at budget 1 is its parent
+    table = (out / "results.md").read_text()
+    assert all(f"| {b} | " in table for b in ("0.375", "0.5", "0.625", "0.75", "0.875", "1"))
+    assert (out / "accuracy_vs_params.png").stat().st_size > 1000
+
+    again = run_all(*args)
+    assert again.returncode == 0 and "0 lm-eval call(s) to run" in again.stdout
+    assert again.stderr.count("skipping") == 7
+    check_card(model_dir, out / "results.json", tmp_path / "card" / "README.md")
