@@ -54,6 +54,9 @@ class ModelArguments:
     calibration_samples: int = field(default=256, metadata={"help": "Training blocks used to rank units (0: keep the order)."})
     dtype: str = field(default="float32", metadata={"help": "Dtype of the loaded weights (bfloat16 on GPUs)."})
     extract_budgets: bool = field(default=True, metadata={"help": "Save the trained budgets' sub-models after training."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate every budget on the first N validation blocks only (None: all)."}
+    )
 
 
 def config_to_argv(path: str) -> list[str]:
@@ -157,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     with training_args.main_process_first(desc="tokenizing"):
         datasets = build_lm_datasets(data_args, tokenizer)
 
+    eval_dataset = datasets.get("validation")
+    if eval_dataset is not None and model_args.max_eval_samples and not data_args.streaming:
+        eval_dataset = eval_dataset.select(range(min(model_args.max_eval_samples, len(eval_dataset))))
     flex, flex_path, teacher_path = prepare_model(model_args, training_args, tokenizer, datasets["train"])
     teacher = None
     if training_args.distillation_weight > 0:
@@ -168,14 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         teacher_model=teacher,
         train_dataset=datasets["train"],
-        eval_dataset=datasets.get("validation"),
+        eval_dataset=eval_dataset,
         data_collator=lm_data_collator(tokenizer),
         processing_class=tokenizer,
     )
     partitioned = [getattr(p, "ds_numel", None) is not None and p.numel() == 0 for p in flex.parameters()]
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    metrics = trainer.evaluate() if datasets.get("validation") is not None else {}
+    metrics = trainer.evaluate() if eval_dataset is not None else {}
     summary = {
         "train": result.metrics,
         "eval": metrics,
