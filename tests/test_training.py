@@ -184,3 +184,19 @@ def test_run_py_under_zero3_with_two_processes(tmp_path):
     ids = torch.randint(3, 50, (1, 8))
     torch.testing.assert_close(sub(ids).logits, flex(ids, budget=0.5).logits, atol=1e-5, rtol=0)
     assert (out / "sub-models" / "budget-0.5" / "config.json").exists()
+
+
+def test_per_budget_logs_go_to_tensorboard_by_default(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    parent = tiny_llama()
+    flex = LlamaFlexForCausalLM.from_llama(parent, budgets=[0.5])
+    args = arguments(tmp_path, logging_steps=2, full_budget_probability=0.5)
+    args.report_to = FlexTrainingArguments(output_dir=str(tmp_path / "x")).report_to  # the default
+    assert args.report_to == ["tensorboard"]
+    FlexTrainer(model=flex, args=args, teacher_model=parent, train_dataset=dataset()).train()
+    events = list((tmp_path / "out").rglob("events.out.tfevents.*"))
+    assert events
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/gumbel_temperature", "train/logit_scale"} <= set(tags)
+    assert any(t.startswith("train/b0.5/") for t in tags) and any(t.startswith("train/b1/") for t in tags)

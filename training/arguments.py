@@ -16,6 +16,9 @@ class FlexTrainingArguments(TrainingArguments):
     modulation_learning_rate: float = field(
         default=4e-2, metadata={"help": "Modulation networks' learning rate (paper: 4e-2), constant after warmup."}
     )
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Where logs go (TensorBoard by default; 'none' for the console only)."}
+    )
     freeze_llm: bool = field(default=False, metadata={"help": "Train routers and modulation only."})
 
     # ---- budget sampling ----
