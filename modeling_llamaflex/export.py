@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
-from transformers import LlamaForCausalLM, PreTrainedConfig
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedConfig
 from transformers.initialization import no_init_weights
 from transformers.utils import cached_file
 
@@ -256,6 +256,10 @@ def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
         _assign(model, tensors, tied=False)
     else:
         _assign(model, tensors, config.tie_word_embeddings)
+    try:  # generate() follows the checkpoint's generation config (KV cache, special tokens), as for the full model
+        model.generation_config = GenerationConfig.from_pretrained(path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    except OSError:
+        pass
     if dtype is not None and dtype != "auto":
         model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     device = kwargs.get("device_map")

@@ -157,3 +157,16 @@ def test_non_numeric_budget_type(llama):
     flex = elastic(llama)
     with pytest.raises(TypeError, match="budget must be a number"):
         flex.architecture([0.5])
+
+
+def test_model_loaded_at_a_budget_generates_with_the_kv_cache(llama, input_ids, tmp_path):
+    """Trainer leaves config.use_cache=False in checkpoints; generation follows generation_config.json."""
+    flex = elastic(llama)
+    flex.config.use_cache = False
+    flex.save_pretrained(tmp_path / "flex")
+    sub = AutoModelForCausalLM.from_pretrained(tmp_path / "flex", budget=0.6)
+    lengths = []
+    hook = sub.model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    sub.generate(input_ids[:1, :5], max_new_tokens=3, do_sample=False)
+    hook.remove()
+    assert lengths == [5, 1, 1]
