@@ -77,7 +77,7 @@ def speed(args) -> None:
 
 
 MEASURE = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
 from transformers import AutoModelForCausalLM
 import modeling_llamaflex
@@ -91,7 +91,8 @@ elif kind == "extracted":
 if kind != "baseline":  # a forward touches every weight: lazily mapped pages become resident
     with torch.no_grad():
         m(torch.ones(1, 8, dtype=torch.long))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: the latter is inherited from the (large) parent process across fork and exec
+print([int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
 """
 
 
@@ -111,7 +112,7 @@ def memory(args) -> None:
         rss = {}
         for kind, path in [("baseline", "-"), ("full", "flex"), ("budget", "flex"), ("extracted", "sub")]:
             out = subprocess.run([sys.executable, "-c", script, kind, os.path.join(tmp, path)], capture_output=True, text=True, check=True)
-            rss[kind] = int(out.stdout.strip().splitlines()[-1]) / 1024  # MiB (ru_maxrss is in KiB on Linux)
+            rss[kind] = int(out.stdout.strip().splitlines()[-1]) / 1024  # MiB (VmHWM is in KiB)
         print(f"random LlamaFlex: hidden {args.hidden}, {args.layers} layers, {total / 1e6:.0f}M parameters, fp32\n")
         print("| load | peak RSS MiB | above baseline MiB | ratio to full |\n|---|---:|---:|---:|")
         base = rss["baseline"]

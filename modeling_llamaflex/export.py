@@ -7,6 +7,7 @@ memory (`extract`) and from safetensors files, reading only the needed bytes (`l
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -106,7 +107,10 @@ def _fold_gains(model, arch: Architecture) -> torch.Tensor | None:
     if modulation is None or is_full(model.config, arch.indices):
         return None  # the full architecture runs without modulation
     policy = Policy.one_hot(model.config, arch.indices, device=next(modulation.parameters()).device)
-    return modulation(policy.probs)
+    fp32 = copy.deepcopy(modulation).float()  # gains in fp32 whatever the weights' dtype, as in load_at_budget
+    for axis in fp32.axes.values():
+        axis.choice_embedding = axis.make_table().to(policy.probs["hidden"].device)
+    return fp32(policy.probs)
 
 
 @torch.no_grad()
@@ -182,28 +186,70 @@ def safetensors_files(path, kwargs: dict | None = None) -> dict[str, str]:
         return {name: single for name in fh.keys()}
 
 
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
 class SafetensorsReader:
-    """Reads slices of named tensors from safetensors files without loading whole tensors."""
+    """Reads row and column ranges of named tensors from safetensors files with plain file reads.
 
-    def __init__(self, files: dict[str, str]):
+    No memory map: a column slice of a row-major matrix touches nearly every page of it, and mapped pages
+    count as resident memory. Rows are read in chunks of at most `chunk_bytes` into one reusable buffer and
+    only the kept columns are copied out, so memory at load is the sub-model plus that buffer.
+    """
+
+    def __init__(self, files: dict[str, str], chunk_bytes: int = 16 * 2**20):
         self.files = files
-        self._open = {}
+        self.chunk_bytes = chunk_bytes
+        self._buffer: torch.Tensor | None = None
+        self._headers: dict[str, tuple[int, dict]] = {}
 
-    def handle(self, name: str):
+    def _entry(self, name: str) -> tuple[str, int, dict]:
         file = self.files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(file, "pt")
-        return self._open[file]
+        if file not in self._headers:
+            with open(file, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                self._headers[file] = (8 + size, json.loads(fh.read(size)))
+        start, header = self._headers[file]
+        return file, start, header[name]
 
     def __call__(self, name: str, rows: Ranges, cols: Ranges) -> torch.Tensor:
-        view = self.handle(name).get_slice(name)
-        rows = rows or [(0, view.get_shape()[0])]
-        if cols is None:
-            return torch.cat([view[a:b] for a, b in rows], 0)
-        return torch.cat([torch.cat([view[a:b, c:d] for c, d in cols], 1) for a, b in rows], 0)
+        file, start, entry = self._entry(name)
+        dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
+        offset = start + entry["data_offsets"][0]
+        row_numel = int(torch.Size(shape[1:]).numel())
+        item = torch.empty((), dtype=dtype).element_size()
+        rows = rows or [(0, shape[0])]
+        cols = cols or ([(0, shape[1])] if len(shape) > 1 else None)
+        width = sum(d - c for c, d in cols) if cols else row_numel
+        out = torch.empty(sum(b - a for a, b in rows), *([width] if len(shape) > 1 else []), dtype=dtype)
+        chunk_rows = max(1, self.chunk_bytes // max(1, row_numel * item))
+        need = min(chunk_rows, shape[0]) * row_numel * item
+        if self._buffer is None or self._buffer.numel() < need:  # one buffer for every read: no heap churn
+            self._buffer = torch.empty(max(need, self.chunk_bytes), dtype=torch.uint8)
+        done = 0
+        with open(file, "rb", buffering=0) as fh:
+            for a, b in rows:
+                for r in range(a, b, chunk_rows):
+                    n = min(chunk_rows, b - r)
+                    raw = self._buffer[: n * row_numel * item]
+                    fh.seek(offset + r * row_numel * item)
+                    fh.readinto(memoryview(raw.numpy()))
+                    block = raw.view(dtype).reshape(n, *shape[1:])
+                    if cols is None:
+                        out[done : done + n] = block
+                    else:
+                        col = 0
+                        for c, d in cols:
+                            out[done : done + n, col : col + d - c] = block[:, c:d]
+                            col += d - c
+                    done += n
+        return out
 
     def module_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {n[len(prefix):]: self.handle(n).get_tensor(n) for n in self.files if n.startswith(prefix)}
+        return {n[len(prefix):]: self(n, None, None) for n in self.files if n.startswith(prefix)}
 
 
 def router_architectures(path, config: LlamaFlexConfig, budgets, reader: SafetensorsReader | None = None, **kwargs):

@@ -170,3 +170,14 @@ def test_model_loaded_at_a_budget_generates_with_the_kv_cache(llama, input_ids, 
     sub.generate(input_ids[:1, :5], max_new_tokens=3, do_sample=False)
     hook.remove()
     assert lengths == [5, 1, 1]
+
+
+def test_loading_at_a_budget_reads_bf16_and_sharded_checkpoints(llama, input_ids, tmp_path):
+    flex = elastic(llama).to(torch.bfloat16)
+    flex.save_pretrained(tmp_path / "flex", max_shard_size="100KB")  # several shards and an index
+    assert (tmp_path / "flex" / "model.safetensors.index.json").exists()
+    sub = AutoModelForCausalLM.from_pretrained(tmp_path / "flex", budget=0.6)
+    extracted = flex.extract(0.6)
+    assert sub.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(sub.named_parameters(), extracted.named_parameters()):
+        assert torch.equal(a, b), name
