@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from . import importance
+from .importance import collect_statistics, head_order, head_scores, hidden_scores, layer_scores, mlp_scores, rank
 from .configuration_llamaflex import LlamaFlexConfig
 
 logger = logging.getLogger(__name__)
@@ -50,12 +50,12 @@ class Orders:
 
 def importance_orders(llama, calibration_data, batch_size: int = 8, progress: bool = True) -> Orders:
     """Calibrate and rank every unit of the parent (see `importance`)."""
-    stats = importance.collect_statistics(llama, calibration_data, batch_size, progress)
+    stats = collect_statistics(llama, calibration_data, batch_size, progress)
     return Orders(
-        hidden=importance.rank(importance.hidden_scores(stats)),
-        heads=importance.head_order(importance.head_scores(stats), llama.config.num_key_value_heads),
-        mlp=importance.rank(importance.mlp_scores(stats)),
-        layers=importance.rank(importance.layer_scores(stats)).tolist(),
+        hidden=rank(hidden_scores(stats)),
+        heads=head_order(head_scores(stats), llama.config.num_key_value_heads),
+        mlp=rank(mlp_scores(stats)),
+        layers=rank(layer_scores(stats)).tolist(),
     )
 
 

@@ -21,8 +21,10 @@ from transformers.utils import cached_file
 from .architecture import Architecture, architecture_for_logits, is_full
 from .configuration_llamaflex import LlamaFlexConfig, parse_budget
 from .elastic import Policy
+from .lora import has_peft_layers, merged_state_dict
 from .modulation import PolicyModulation
 from .router import BudgetRouter
+
 
 Ranges = list[tuple[int, int]] | None  # None: the whole dimension
 Reader = Callable[[str, Ranges, Ranges], torch.Tensor]
@@ -115,9 +117,13 @@ def _fold_gains(model, arch: Architecture) -> torch.Tensor | None:
 
 @torch.no_grad()
 def extract(flex, budget) -> LlamaForCausalLM:
-    """A plain `LlamaForCausalLM` holding the sub-model of `budget` (or of an `Architecture`)."""
+    """A plain `LlamaForCausalLM` holding the sub-model of `budget` (or of an `Architecture`).
+
+    With a PEFT adapter on `flex` (`peft_model.extract(b)`), the active LoRA adapters are merged into the
+    sub-model's weights (the model itself is left as it is): the result gives the adapted model's logits.
+    """
     arch = budget if isinstance(budget, Architecture) else flex.architecture(budget)
-    state = flex.state_dict()
+    state = merged_state_dict(flex) if has_peft_layers(flex) else flex.state_dict()
     tensors = sub_model_tensors(flex.config, arch, memory_reader(state), _fold_gains(flex, arch))
     llama_config = flex.config.to_llama_config(**sub_model_sizes(arch))
     llama_config.dtype = flex.dtype

@@ -34,6 +34,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .architecture import Architecture, architecture_for_logits, budget_loss, expected_parameters, is_full
 from .configuration_llamaflex import AXES, LlamaFlexConfig, parse_budget
 from .elastic import ElasticLinear, ElasticRMSNorm, ElasticState, Policy, apply_mask
+from .lora import install_peft_hook
 from .modulation import AxisModulation, PolicyModulation
 from .router import BudgetRouter, gumbel_softmax
 
@@ -454,6 +455,10 @@ class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin):
 
 
 __all__ = ["LlamaFlexForCausalLM", "LlamaFlexModel", "LlamaFlexPreTrainedModel"]
+
+# PEFT's LoRA on ElasticLinear layers slices with them (lora.py); a no-op without peft. Installed here, so that
+# remote-code loading (which imports this file, not the package) gets it too.
+install_peft_hook()
 
 # save_pretrained writes auto_map and copies this package's files, for trust_remote_code=True
 LlamaFlexConfig.register_for_auto_class()

@@ -9,9 +9,12 @@ A config file (YAML or JSON) comes first; any `--flag value` after it overrides 
 1. `--parent`: a plain Llama is converted on the main process (importance ranking on `calibration_samples`
    training blocks) and saved to `<output_dir>/converted`; a LlamaFlex checkpoint is used as is; none at all
    gives a tiny random Llama (smoke tests). The parent also serves as the frozen distillation teacher.
-2. `FlexTrainer` trains weights, routers and modulation; `--resume_from_checkpoint` continues a run.
-3. The LlamaFlex checkpoint (with auto_map) goes to `output_dir`, the plain-Llama sub-models of the trained
-   budgets to `<output_dir>/sub-models/budget-<b>`, and a summary to `<output_dir>/training_summary.json`.
+2. `FlexTrainer` trains weights, routers and modulation; `--resume_from_checkpoint` continues a run. With
+   `--lora_r 16` (and `--lora_target_modules ...`) the weights stay frozen and LoRA adapters train instead,
+   sliced with the weights at every budget (modeling_llamaflex/lora.py).
+3. The LlamaFlex checkpoint (with auto_map; with LoRA, the adapter merged in, and the adapter itself in
+   `<output_dir>/adapter`) goes to `output_dir`, the plain-Llama sub-models of the trained budgets to
+   `<output_dir>/sub-models/budget-<b>`, and a summary to `<output_dir>/training_summary.json`.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     partitioned = [getattr(p, "ds_numel", None) is not None and p.numel() == 0 for p in flex.parameters()]
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    trainer.save_flex_model(training_args.output_dir)
     metrics = trainer.evaluate() if eval_dataset is not None else {}
     summary = {
         "train": result.metrics,
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_budget": {f"{b:g}": n for b, n in sorted(trainer.tokens_per_budget.items())},
         "architectures": trainer.architecture_report(),
         "parent": model_args.parent,
+        "lora_r": training_args.lora_r,
         "converted_from": flex_path,
         "world_size": training_args.world_size,
         "zero3_partitioned": bool(partitioned) and all(partitioned),
@@ -198,18 +202,18 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(trainer.sample_log, fh)
     if trainer.is_world_process_zero():
         if model_args.extract_budgets:
-            summary["sub_models"] = save_sub_models(training_args.output_dir, tokenizer)
+            summary["sub_models"] = save_sub_models(training_args.output_dir, tokenizer, trainer.budgets)
         with open(os.path.join(training_args.output_dir, "training_summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
         logger.info("saved LlamaFlex model, sub-models and training_summary.json to %s", training_args.output_dir)
     return summary
 
 
-def save_sub_models(output_dir: str, tokenizer) -> dict[str, dict]:
-    """Extract the trained budgets from the saved checkpoint (whole weights, CPU) as plain Llama folders."""
+def save_sub_models(output_dir: str, tokenizer, budgets: list[float] | None = None) -> dict[str, dict]:
+    """Extract the trained budgets (default: the config's) from the saved checkpoint as plain Llama folders."""
     flex = without_zero3(LlamaFlexForCausalLM.from_pretrained, output_dir, dtype=torch.float32)  # main process only
     saved = {}
-    for budget in flex.config.budgets:
+    for budget in budgets or flex.config.budgets:
         arch = flex.architecture(budget)
         path = os.path.join(output_dir, "sub-models", f"budget-{budget:g}")
         flex.extract(arch).save_pretrained(path)

@@ -1,5 +1,8 @@
 """`FlexTrainer`: one `transformers.Trainer` run trains the shared weights, routers and modulation (DESIGN.md §4).
 
+The elastic part lives in `FlexTrainingMixin`, which `FlexTrainer` (on `Trainer`) and `training/sft.py`'s
+`FlexSFTTrainer` (on TRL's `SFTTrainer`) share.
+
 Each micro-batch samples a budget (the full model with its own probability, else a trained budget), routes
 it (soft Gumbel-Softmax, masked forward; or hard straight-through, sliced forward), and adds up
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import defaultdict
 
 import torch
@@ -21,20 +25,25 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from .arguments import FlexTrainingArguments
+from modeling_llamaflex import parse_budget
+from modeling_llamaflex.lora import flex_model, has_peft_layers, merged_state_dict
+
+from .arguments import FlexArguments, FlexTrainingArguments
 from .callbacks import SCHEDULES, _flex
 
 logger = logging.getLogger(__name__)
 
-GROUPS = ("llm", "router", "modulation")
+GROUPS = ("llm", "lora", "router", "modulation")
 
 
 def parameter_group(name: str) -> str:
-    """Which optimizer group a parameter belongs to, by name."""
+    """Which optimizer group a parameter belongs to, by name ("lora": PEFT's LoRA factors)."""
     if ".router." in f".{name}":
         return "router"
     if ".modulation." in f".{name}":
         return "modulation"
+    if ".lora_" in name:
+        return "lora"
     return "llm"
 
 
@@ -68,6 +77,19 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
+def add_lora(model, lora_config):
+    """`peft.get_peft_model` for frozen-base elastic training: LoRA adapters sliced with the weights at every
+    budget (modeling_llamaflex/lora.py); routers and modulation train too (`modules_to_save`)."""
+    if is_deepspeed_zero3_enabled():
+        raise NotImplementedError(
+            "LoRA with DeepSpeed ZeRO-3 is not supported: the adapters are small, use ZeRO-2 or no DeepSpeed (lora_r=0 "
+            "trains the full weights under ZeRO-3)"
+        )
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config)
+
+
 @contextlib.contextmanager
 def gathered(module: torch.nn.Module):
     """Whole parameters of `module` for use outside its forward (a no-op without ZeRO-3)."""
@@ -80,21 +102,34 @@ def gathered(module: torch.nn.Module):
         yield
 
 
-class FlexTrainer(Trainer):
-    """`Trainer` for LlamaFlex models; `teacher_model` is the frozen parent (needed when distilling)."""
+class FlexTrainingMixin:
+    """Budget sampling, routed forward, losses, parameter groups, per-budget logs and evaluation.
 
-    def __init__(self, model=None, args: FlexTrainingArguments = None, teacher_model=None, **kwargs):
-        if not isinstance(args, FlexTrainingArguments):
-            raise TypeError(f"FlexTrainer needs FlexTrainingArguments, got {type(args).__name__}")
+    Mixed in before a `transformers.Trainer` subclass (`FlexTrainer`, `FlexSFTTrainer`); `args` must be an
+    `args_class` instance (a `FlexArguments` dataclass). `teacher_model` is the frozen parent, needed when
+    distilling. The model is a `LlamaFlexForCausalLM`, bare or with a PEFT adapter (frozen-base training).
+    """
+
+    args_class: type = FlexArguments
+
+    def __init__(self, model=None, args=None, teacher_model=None, **kwargs):
+        name = type(self).__name__
+        if not isinstance(args, self.args_class):
+            raise TypeError(f"{name} needs {self.args_class.__name__}, got {type(args).__name__}")
         if args.distillation_weight > 0 and teacher_model is None:
             raise ValueError("distillation_weight > 0 needs teacher_model (the frozen parent), or set distillation_weight=0")
+        flex = flex_model(model, name)
+        self._check_budgets(flex, args)
+        if args.lora_r and not has_peft_layers(model):
+            model = add_lora(model, args.lora_config(flex.config))
         callbacks = list(kwargs.pop("callbacks", None) or [])
         callbacks += [cls() for cls in SCHEDULES if not any(isinstance(c, cls) for c in callbacks)]
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means: Trainer divides by GA steps
-        flex = _flex(self.model)
-        flex.hard_sample_probability = args.hard_sample_probability
-        self.sampler = BudgetSampler(self.model.config.budgets, args.budget_weights, args.full_budget_probability, args.sampling_seed)
+        self.flex = flex_model(self.model, name)
+        self.budgets = self._check_budgets(self.flex, args)
+        _flex(self.model).hard_sample_probability = args.hard_sample_probability
+        self.sampler = BudgetSampler(self.budgets, args.budget_weights, args.full_budget_probability, args.sampling_seed)
         if args.freeze_llm:
             for name, p in self.model.named_parameters():
                 if parameter_group(name) == "llm":
@@ -114,18 +149,52 @@ class FlexTrainer(Trainer):
         self.tokens_per_budget: dict[float, int] = defaultdict(int)
         self.sample_log: list[tuple[int, int, float, bool]] = []  # (step, micro-step, budget, hard) per forward
 
-    # ---- optimizer: three groups ----
+    @staticmethod
+    def _check_budgets(flex, args) -> list[float]:
+        """The budgets to train (`args.budgets`, else the model's), each checked against the model's choices."""
+        budgets = args.budgets if args.budgets else flex.config.budgets
+        parent = flex.config.parent_parameters()
+        out = []
+        for budget in budgets:
+            try:
+                b = parse_budget(budget, parent)
+                if b < 1.0:
+                    with gathered(flex.model.router):
+                        flex.architecture(b)  # raises if the choices cannot reach it, naming the allowed range
+            except (TypeError, ValueError) as err:
+                source = "budgets" if args.budgets else "the model's config.budgets"
+                raise ValueError(f"cannot train budget {budget!r} (from {source}): {err}") from None
+            out.append(b)
+        return out
+
+    # ---- saving: always a plain LlamaFlex checkpoint ----
+    def save_flex_model(self, output_dir: str) -> None:
+        """Save the trained model as a LlamaFlex checkpoint in `output_dir` (with auto_map and code).
+
+        With LoRA, that checkpoint has the adapter merged into the weights (the model in memory is left as it
+        is), and the PEFT adapter itself (LoRA factors, routers, modulation) goes to `output_dir/adapter`.
+        """
+        if not has_peft_layers(self.model):
+            self.save_model(output_dir)
+            return
+        self.save_model(os.path.join(output_dir, "adapter"))
+        if self.is_world_process_zero():
+            self.flex.save_pretrained(output_dir, state_dict=merged_state_dict(self.flex))
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+    # ---- optimizer: LLM weights (or LoRA adapters), routers, modulation ----
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            lrs = {"llm": self.args.learning_rate, "router": self.args.router_learning_rate,
-                   "modulation": self.args.modulation_learning_rate}
+            lrs = {"llm": self.args.learning_rate, "lora": self.args.learning_rate,
+                   "router": self.args.router_learning_rate, "modulation": self.args.modulation_learning_rate}
             params = {g: [] for g in GROUPS}
             for name, p in opt_model.named_parameters():
                 if p.requires_grad:
                     params[parameter_group(name)].append(p)
             groups = [
-                {"params": params[g], "lr": lrs[g], "weight_decay": self.args.weight_decay if g == "llm" else 0.0, "name": g}
+                {"params": params[g], "lr": lrs[g], "weight_decay": self.args.weight_decay if g in ("llm", "lora") else 0.0, "name": g}
                 for g in GROUPS
                 if params[g]
             ]
@@ -134,7 +203,7 @@ class FlexTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The LLM group follows `lr_scheduler_type` (cosine); routers and modulation stay constant after warmup."""
+        """LLM (or LoRA) group: `lr_scheduler_type` (cosine); routers and modulation stay constant after warmup."""
         if self.lr_scheduler is None:
             scheduler = super().create_scheduler(num_training_steps, optimizer)
             warmup = max(1, self.args.get_warmup_steps(num_training_steps))
@@ -155,7 +224,7 @@ class FlexTrainer(Trainer):
         args = self.args
         labels = inputs.get("labels")
         mask = inputs.get("attention_mask")
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": mask}
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": mask, "use_cache": False}
         if self._eval_budget is not None or not model.training:
             budget = self._eval_budget if self._eval_budget not in (None, 1.0) else None
             outputs = model(**forward, labels=labels, budget=budget)
@@ -177,14 +246,14 @@ class FlexTrainer(Trainer):
             stats["lm_loss"] += outputs.loss.item()
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = self.teacher(**{k: v for k, v in forward.items() if k in ("input_ids", "attention_mask")}).logits
+                teacher_logits = self.teacher(input_ids=forward["input_ids"], attention_mask=mask).logits
             kd = distillation_loss(outputs.logits, teacher_logits, mask, args.distillation_temperature)
             loss = loss + args.distillation_weight * kd
             stats["kd_loss"] += kd.item()
         if outputs.budget_loss is not None:
             loss = loss + args.budget_loss_weight * outputs.budget_loss
             stats["budget_loss"] += outputs.budget_loss.item()
-            stats["params_ratio"] += (outputs.expected_parameters / (budget * self.model.config.parent_parameters())).item()
+            stats["params_ratio"] += (outputs.expected_parameters / (budget * self.flex.config.parent_parameters())).item()
             stats["hard"] += float(hard)
         stats["loss"] += loss.item()
         stats["count"] += 1
@@ -214,12 +283,12 @@ class FlexTrainer(Trainer):
         """The routers' current architecture for each trained budget, one line each."""
         flex = _flex(self.model)
         with gathered(flex.router):
-            return [f"step {self.state.global_step} budget {b:g}: {flex.architecture(b)}" for b in self.model.config.budgets]
+            return [f"step {self.state.global_step} budget {b:g}: {flex.architecture(b)}" for b in self.budgets]
 
     # ---- evaluation: every trained budget and the full model ----
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = {}
-        for budget in [1.0] + list(self.model.config.budgets):
+        for budget in [1.0] + [b for b in self.budgets if b < 1.0]:
             self._eval_budget = budget
             try:
                 metrics.update(super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_b{budget:g}"))
@@ -228,4 +297,10 @@ class FlexTrainer(Trainer):
         return metrics
 
 
-__all__ = ["BudgetSampler", "FlexTrainer", "distillation_loss", "gathered", "parameter_group"]
+class FlexTrainer(FlexTrainingMixin, Trainer):
+    """`Trainer` for LlamaFlex models (`FlexTrainingArguments`); `teacher_model` is the frozen parent (needed when distilling)."""
+
+    args_class = FlexTrainingArguments
+
+
+__all__ = ["BudgetSampler", "FlexTrainer", "FlexTrainingMixin", "add_lora", "distillation_loss", "gathered", "parameter_group"]
