@@ -1,11 +1,14 @@
 """Quality of the family: one elastic LlamaFlex run against compressing every size separately, at equal tokens.
 
-    python bench/quality.py                                  # default: 120 steps x 8 x 256 tokens per method
-    python bench/quality.py --steps 4 --eval_blocks 8        # smoke run (a few minutes)
-    python bench/quality.py --steps 600 --out runs/bench-quality-600   # a longer run (about 5x the time)
+    python bench/quality.py --steps 4 --eval_blocks 8 --out runs/bench-quality/smoke \
+        --plot runs/bench-quality/smoke/quality.png                          # smoke run (a few minutes)
+    python bench/quality.py --steps 480 --out runs/bench-quality/steps480 \
+        --plot runs/bench-quality/steps480/quality.png                       # longer run, T = 983,040
+    python bench/quality.py --out runs/bench-quality/final \
+        --also_plot runs/bench-quality/steps480                              # default, T = 245,760; bench/quality.png
 
 Same parent, same data, the same number of training tokens T = steps x batch_size x block_size for every
-trained method, and the same validation blocks for every model. Four methods (see bench/QUALITY.md):
+trained method, and the same validation blocks for every model. The methods (see bench/QUALITY.md):
 
 1. ``oneshot``: ``LlamaFlexForCausalLM.from_llama(parent, calibration blocks)`` then ``extract(b)``; no training.
    Untrained routers are uniform, so ``architecture(b)`` takes the largest exportable combination within the
@@ -15,12 +18,16 @@ trained method, and the same validation blocks for every model. Four methods (se
    as the elastic run (warmup scaled with the run length).
 3. ``flex``: one ``FlexTrainer`` run on T tokens (teacher = the parent, KD only), then extraction at the
    trained budgets, at interpolated ones (router-chosen architectures), and at the architectures of (1)/(2).
-4. ``flex_nomod``: (3) with ``use_modulation=False`` (the paper's Table 4 ablation).
+   Where ``architecture(b)`` replaced the routers' own argmax (budget missed, or not exportable), that argmax
+   is also measured, with the elastic model's sliced forward.
+4. ``flex_nomod``: (3) with ``use_modulation=False`` (the paper's Table 4 ablation), same starting weights.
+5. ``separate_router`` (control): as (2), but at the architectures that (3)'s routers exported.
 
 Every number is the validation loss (mean nats/token over the first ``--eval_blocks`` held-out blocks) of the
-*extracted plain LlamaForCausalLM*, i.e. of what a user deploys. Each method's results are written to
-``<out>/results-<method>.json`` as soon as they exist; a rerun with ``--reuse`` skips methods already done.
-The tables go to ``<out>/tables.md`` and the plot to ``--plot`` (bench/quality.png).
+*extracted plain LlamaForCausalLM*, i.e. of what a user deploys (except the routers' argmax rows). Each
+method's results are written to ``<out>/results-<method>.json`` as soon as they exist; a rerun with
+``--reuse`` skips methods already done with the same settings. The tables go to ``<out>/tables.md`` and the
+plot to ``--plot`` (one row per run: this one, then any ``--also_plot`` folders).
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -268,7 +274,9 @@ def tables(results: dict, meta: dict) -> str:
     head = ("| budget | kind | architecture from | hidden / heads / mlp / depth | non-emb. params (fraction) | "
             "val loss | vs parent |\n|---:|---|---|---|---:|---:|---:|")
     out = [f"Parent: {meta['parent_parameters']:,} non-embedding parameters, validation loss **{parent_loss:.4f}** "
-           f"(first {meta['eval_blocks']} validation blocks, {meta['eval_tokens']:,} predicted tokens).\n"]
+           f"(first {meta['eval_blocks']} validation blocks, {meta['eval_tokens']:,} predicted tokens). "
+           f"T = {meta['tokens_per_method']:,} training tokens per trained method. Wall time of the methods: "
+           + ", ".join(f"{m} {s:.0f} s" for m, s in meta["method_wall_s"].items()) + ".\n"]
     for method in METHODS:
         if method not in results:
             continue
@@ -295,7 +303,7 @@ def tables(results: dict, meta: dict) -> str:
             b, cells = row["budget"], []
             for m in cols:
                 match = [r for r in results[m]["rows"] if r["budget"] == b and r["kind"] == "explicit"
-                         and (r["chooser"] != "router" or m == "oneshot")]
+                         and (m == "oneshot" or r["chooser"] == "one-shot architecture")]
                 cells.append(f"{match[0]['val_loss']:.4f}" if match else "-")
             out.append(f"| {b:g} | {row['hidden']} / {row['heads']} / {row['mlp']} / {row['depth']} | "
                        f"{row['non_embedding_parameters']:,} | " + " | ".join(cells) + " |")
@@ -343,7 +351,20 @@ def tables(results: dict, meta: dict) -> str:
     return "\n".join(out)
 
 
-def plot(results: dict, meta: dict, path: str) -> None:
+def load_run(folder: str) -> tuple[dict, dict]:
+    """The results and meta.json that an earlier run left in `folder`."""
+    results = {}
+    for method in METHODS:
+        path = os.path.join(folder, f"results-{method}.json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                results[method] = json.load(fh)
+    with open(os.path.join(folder, "meta.json")) as fh:
+        return results, json.load(fh)
+
+
+def plot(runs: list[tuple[dict, dict]], path: str) -> None:
+    """One row of two panels (every method; trained methods zoomed) per run, e.g. two values of T."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,46 +377,46 @@ def plot(results: dict, meta: dict, path: str) -> None:
         "flex_nomod": dict(color="tab:orange", marker="v"),
         "separate_router": dict(color="tab:green", marker="D"),
     }
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    for ax, zoom in zip(axes, (False, True)):
-        for method, res in results.items():
-            if method not in styles or (zoom and method == "oneshot"):
-                continue
-            st = styles[method]
-            groups = [("router", "-")] if method.startswith("flex") else [(None, "-")]
-            if method.startswith("flex"):
-                groups.append(("one-shot architecture", "--"))
-                groups.append(("router argmax, sliced forward", ""))
-            for chooser, ls in groups:
-                rows = [r for r in res["rows"] if chooser is None or r["chooser"] == chooser]
-                rows.sort(key=lambda r: r["non_embedding_parameters"])
-                x = [r["non_embedding_parameters"] / 1e6 for r in rows]
-                y = [r["val_loss"] for r in rows]
-                if not rows:
+    suffix = {None: "", "router": ", router-chosen", "one-shot architecture": ", at the one-shot architectures",
+              "router argmax, sliced forward": ", routers' own argmax (sliced forward; mostly not exportable)"}
+    fig, grid = plt.subplots(len(runs), 2, figsize=(14, 5.2 * len(runs) + 0.9), squeeze=False)
+    for (results, meta), axes in zip(runs, grid):
+        for ax, zoom in zip(axes, (False, True)):
+            for method, res in results.items():
+                if method not in styles or (zoom and method == "oneshot"):
                     continue
-                label = LABELS[method] + {None: "", "router": "", "one-shot architecture": ", at the one-shot architectures",
-                                          "router argmax, sliced forward": ", routers' own argmax (sliced forward)"}[chooser]
-                if method.startswith("flex") and chooser == "router":
-                    label += ", router-chosen"
-                if not ls:  # the routers' own argmax: crosses, no line
-                    ax.plot(x, y, "x", color=st["color"], ms=8, mew=2, label=label)
-                    continue
-                ax.plot(x, y, ls=ls, color=st["color"], label=label, alpha=0.9 if ls == "-" else 0.6)
-                for r, xi, yi in zip(rows, x, y):
-                    hollow = r["kind"] != "explicit"
-                    ax.plot(xi, yi, st["marker"], color=st["color"], mfc="white" if hollow else st["color"],
-                            ms=7 if ls == "-" else 5, alpha=0.9 if ls == "-" else 0.6)
-        ax.axhline(meta["parent_val_loss"], color="black", ls=":", label=f"parent ({meta['parent_parameters'] / 1e6:.2f}M): "
-                   f"{meta['parent_val_loss']:.3f}")
-        ax.set_xlabel("non-embedding parameters (M)")
-        ax.set_ylabel(f"validation loss (nats/token, {meta['eval_blocks']} held-out blocks)")
-        ax.grid(alpha=0.3)
-        ax.set_title("all methods" if not zoom else "trained methods (zoom)")
-    axes[0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"Family quality at equal training tokens T = {meta['tokens_per_method']:,} per method "
-                 "(filled: trained budgets; hollow: interpolated / other budgets)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+                st = styles[method]
+                groups = [("router", "-"), ("one-shot architecture", "--"), ("router argmax, sliced forward", "")] \
+                    if method.startswith("flex") else [(None, "-")]
+                for chooser, ls in groups:
+                    rows = sorted((r for r in res["rows"] if chooser is None or r["chooser"] == chooser),
+                                  key=lambda r: r["non_embedding_parameters"])
+                    if not rows:
+                        continue
+                    x = [r["non_embedding_parameters"] / 1e6 for r in rows]
+                    y = [r["val_loss"] for r in rows]
+                    label = LABELS[method] + suffix[chooser]
+                    if not ls:  # the routers' own argmax: crosses, no line
+                        ax.plot(x, y, "x", color=st["color"], ms=8, mew=2, label=label)
+                        continue
+                    ax.plot(x, y, ls=ls, color=st["color"], label=label, alpha=0.9 if ls == "-" else 0.6)
+                    for r, xi, yi in zip(rows, x, y):
+                        hollow = r["kind"] != "explicit"
+                        ax.plot(xi, yi, st["marker"], color=st["color"], mfc="white" if hollow else st["color"],
+                                ms=7 if ls == "-" else 5, alpha=0.9 if ls == "-" else 0.6)
+            ax.axhline(meta["parent_val_loss"], color="black", ls=":",
+                       label=f"parent ({meta['parent_parameters'] / 1e6:.2f}M): {meta['parent_val_loss']:.3f}")
+            ax.set_xlabel("non-embedding parameters (M)")
+            ax.set_ylabel(f"validation loss (nats/token, {meta['eval_blocks']} held-out blocks)")
+            ax.grid(alpha=0.3)
+            ax.set_title(f"T = {meta['tokens_per_method']:,} tokens per method: "
+                         + ("all methods" if not zoom else "trained methods (zoom)"), fontsize=10)
+    handles, labels = grid[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle("Family quality at equal training tokens (filled: trained budgets; hollow: interpolated / other budgets)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.9 / (5.2 * len(runs) + 0.9) * 1.6, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -430,6 +451,8 @@ def main(argv=None) -> dict:
     p.add_argument("--save_models", action="store_true", help="also save the trained elastic models")
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--plot", default="bench/quality.png")
+    p.add_argument("--also_plot", nargs="*", default=[], metavar="DIR",
+                   help="earlier runs' --out folders to draw as extra rows of the figure (e.g. a longer run)")
     args = p.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
@@ -471,7 +494,8 @@ def main(argv=None) -> dict:
            "oneshot_arch": {b: flex0.architecture(b) for b in args.budgets}}
 
     # what a stored result must have been made with to be reused
-    settings = {k: v for k, v in vars(args).items() if k not in ("methods", "reuse", "save_models", "out", "plot", "threads")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("methods", "reuse", "save_models", "out", "plot", "also_plot", "threads")}
     results, walls = {}, {}
     for method in METHODS:
         path = os.path.join(args.out, f"results-{method}.json")
@@ -509,13 +533,14 @@ def main(argv=None) -> dict:
 
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["method_wall_s"] = {m: r.get("wall_s") for m, r in results.items()}
+    meta["methods_wall_s_total"] = round(sum(r.get("wall_s") or 0 for r in results.values()), 1)
     meta["load_average_end"] = os.getloadavg()
     save_json(os.path.join(args.out, "meta.json"), meta)
     text = tables(results, meta)
     with open(os.path.join(args.out, "tables.md"), "w") as fh:
         fh.write(text + "\n")
     if args.plot:
-        plot(results, meta, args.plot)
+        plot([(results, meta)] + [load_run(folder) for folder in args.also_plot], args.plot)
     print(text)
     logger.info("total wall time %.0f s; tables in %s, plot in %s", meta["wall_s"], os.path.join(args.out, "tables.md"), args.plot)
     return {"meta": meta, "results": results}
