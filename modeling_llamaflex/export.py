@@ -148,10 +148,15 @@ def _assign(model, tensors: dict[str, torch.Tensor], tied: bool) -> None:
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
+def _hub_kwargs(kwargs: dict | None) -> dict:
+    """The keywords of `kwargs` that say where and how to fetch files (hub revision, cache, token...)."""
+    return {k: v for k, v in (kwargs or {}).items() if k in _HUB_KWARGS}
+
+
 def resolve_load_budget(cls, path, budget, kwargs: dict):
     """Load the config (consuming config keywords from `kwargs`) and decide the budget to load at."""
     config = kwargs.pop("config", None)
-    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    hub = _hub_kwargs(kwargs)
     if not isinstance(config, PreTrainedConfig):  # (remote code may hold another copy of our config class)
         raw, _ = PreTrainedConfig.get_config_dict(config or path, **hub)
         if raw.get("model_type") != "llamaflex":
@@ -178,7 +183,7 @@ def resolve_load_budget(cls, path, budget, kwargs: dict):
 
 def safetensors_files(path, kwargs: dict | None = None) -> dict[str, str]:
     """Map every tensor name to the local safetensors file that holds it."""
-    hub = {k: v for k, v in (kwargs or {}).items() if k in _HUB_KWARGS}
+    hub = _hub_kwargs(kwargs)
     index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
     if index is not None:
         with open(index) as fh:
@@ -309,7 +314,7 @@ def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
     else:
         _assign(model, tensors, config.tie_word_embeddings)
     try:  # generate() follows the checkpoint's generation config (KV cache, special tokens), as for the full model
-        model.generation_config = GenerationConfig.from_pretrained(path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+        model.generation_config = GenerationConfig.from_pretrained(path, **_hub_kwargs(kwargs))
     except OSError:
         pass
     if dtype is not None and dtype != "auto":
