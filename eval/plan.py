@@ -34,6 +34,18 @@ LOCAL_TASKS = "flex_lambada:0,flex_hellaswag:0,flex_ppl:0"
 DEFAULT_TASK_DIR = EVAL_DIR / "tasks" / "local"
 
 
+def local_tasks(task_dir: Path) -> str:
+    """--local's default: LOCAL_TASKS, plus the kept BIG-bench tasks (bb_*, 0-shot) built in `task_dir`
+    (`python eval/build_tasks.py ... --bigbench`); a folder of BIG-bench tasks only gives just those."""
+    if str(EVAL_DIR) not in sys.path:
+        sys.path.insert(0, str(EVAL_DIR))
+    from bigbench_tasks import built_default_tasks
+
+    bigbench = [f"{name}:0" for name in built_default_tasks(task_dir)]
+    flex = [t for t in LOCAL_TASKS.split(",") if (task_dir / f"{t.partition(':')[0]}.yaml").is_file()]
+    return ",".join(flex + bigbench) if bigbench else LOCAL_TASKS
+
+
 class PlanError(ValueError):
     """A user error found while planning: printed without a traceback, exit code 2."""
 
@@ -210,7 +222,7 @@ def build_plan(args: argparse.Namespace) -> tuple[list[tuple[Run, str]], Path | 
     config = load_flex_config(model_dir)
     budgets = check_budgets(config, args.budgets.split(",")) if args.budgets else default_budgets(config)
     task_dir = (args.task_dir or DEFAULT_TASK_DIR).resolve() if args.local or args.task_dir else None
-    spec = args.tasks or (LOCAL_TASKS if task_dir else PAPER_TASKS)
+    spec = args.tasks or (local_tasks(task_dir) if task_dir else PAPER_TASKS)
     groups, all_local = check_tasks(parse_tasks(spec, args.num_fewshot), task_dir)
     output = (args.output or model_dir / "eval").resolve()
     common = f"trust_remote_code=True,dtype={args.dtype}"
@@ -249,7 +261,8 @@ def command(run: Run, model_args: str, args: argparse.Namespace, task_dir: Path 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Plan (and validate) the lm-eval runs of eval/run_all.sh.")
     p.add_argument("model_dir", type=Path, help="a saved LlamaFlex checkpoint")
-    p.add_argument("--tasks", help=f"comma-separated task[:shots] (default {PAPER_TASKS}; --local: {LOCAL_TASKS})")
+    p.add_argument("--tasks", help=f"comma-separated task[:shots] (default {PAPER_TASKS}; --local: {LOCAL_TASKS} "
+                   "and the kept BIG-bench bb_* tasks built in the task folder)")
     p.add_argument("--num_fewshot", type=int, default=0, help="shots for tasks given without ':N' (default 0)")
     p.add_argument("--local", action="store_true", help=f"use the local task folder (default {DEFAULT_TASK_DIR})")
     p.add_argument("--task_dir", type=Path, help="local task folder built by eval/build_tasks.py (implies --local)")

@@ -1,6 +1,7 @@
 """Command line: convert a Llama parent, show architectures, extract plain Llama sub-models.
 
     python -m modeling_llamaflex convert --parent PARENT_DIR --calibration text.txt --out FLEX_DIR
+    python -m modeling_llamaflex convert --parent model.gguf --out FLEX_DIR     # or --parent smollm2-135m
     python -m modeling_llamaflex architecture --model FLEX_DIR --budget 0.5 0.75
     python -m modeling_llamaflex extract --model FLEX_DIR --budget 0.5 --out SUB_DIR
 """
@@ -16,6 +17,7 @@ import sys
 import torch
 
 from . import LlamaFlexForCausalLM
+from .parents import ParentFetchError
 
 logger = logging.getLogger("modeling_llamaflex")
 
@@ -40,17 +42,23 @@ def cmd_convert(args) -> None:
     from transformers import AutoTokenizer
 
     from .convert import load_llama
+    from .parents import load_parent_tokenizer, resolve_parent
 
-    parent = load_llama(args.parent)
+    source = resolve_parent(args.parent)  # a folder, a .gguf file or a built-in name (fetched once)
+    parent = load_llama(source)
     elastic = json.loads(args.elastic) if args.elastic else {}
     data = None
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    elif args.calibration or source.is_gguf:  # a GGUF carries its tokenizer: save it with the model
+        tokenizer = load_parent_tokenizer(source)
     if args.calibration:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.parent)
         data = calibration_blocks(tokenizer, args.calibration, args.num_samples, args.seq_len)
         print(f"calibrating on {data.shape[0]} sequences of {data.shape[1]} tokens")
     flex = LlamaFlexForCausalLM.from_llama(parent, data, batch_size=args.batch_size, **elastic)
     flex.save_pretrained(args.out)
-    if args.calibration:
+    if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
     print(f"saved LlamaFlex model to {args.out}; choices: {flex.config.choices}; layer ranking: {flex.config.layer_ranking}")
 
@@ -91,10 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="a Llama checkpoint -> an elastic LlamaFlex checkpoint")
-    p.add_argument("--parent", required=True, help="Llama checkpoint folder (or hub id)")
+    p.add_argument("--parent", required=True,
+                   help="Llama checkpoint folder, a Llama .gguf file, the built-in name smollm2-135m (or a hub id)")
     p.add_argument("--out", required=True, help="folder for the LlamaFlex checkpoint")
     p.add_argument("--calibration", nargs="*", help="text files for importance ranking (none: keep the order)")
-    p.add_argument("--tokenizer", help="tokenizer (default: the parent's)")
+    p.add_argument("--tokenizer", help="tokenizer (default: the parent's; a .gguf parent's is built from the file)")
     p.add_argument("--num_samples", type=int, default=256, help="calibration sequences")
     p.add_argument("--seq_len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--batch_size", type=int, default=8)
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     args.budget = [_number(b) for b in getattr(args, "budget", [])] if hasattr(args, "budget") else None
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ParentFetchError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

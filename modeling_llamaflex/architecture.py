@@ -96,55 +96,100 @@ def smallest_budget(config: LlamaFlexConfig) -> float:
     return min(p for _, p in _grid(config)) / config.parent_parameters()
 
 
+def candidates(config: LlamaFlexConfig, budget: float) -> list[tuple[dict[str, int], int]]:
+    """Exportable combinations within the budget tolerance, largest first."""
+    target, tol = budget * config.parent_parameters(), config.budget_tolerance
+    within = [(idx, p) for idx, p in _grid(config) if abs(p / target - 1) <= tol]
+    return sorted(within, key=lambda ip: (-ip[1], -ip[0]["depth"], -ip[0]["hidden"]))
+
+
+def index_key(indices: dict[str, int]) -> str:
+    """How a combination is named in `config.architecture_scores["scored"]`: its choice indices, "h,q,f,d"."""
+    return ",".join(str(indices[a]) for a in AXES)
+
+
+def measured_loss(config: LlamaFlexConfig, indices: dict[str, int]) -> float | None:
+    """The loss conversion measured for this combination, if it was scored."""
+    scores = config.architecture_scores or {}
+    return (scores.get("scored") or {}).get(index_key(indices))
+
+
+def predicted_loss(config: LlamaFlexConfig, indices: dict[str, int]) -> float | None:
+    """The parent's score plus the measured cost of each axis's cut alone (additive: no interactions)."""
+    scores = config.architecture_scores or {}
+    costs = scores.get("axis_costs")
+    if not costs:
+        return None
+    return scores["parent"] + sum(costs[a][indices[a]] for a in AXES)
+
+
 def search_architecture(
     config: LlamaFlexConfig, budget: float, scores: dict[str, torch.Tensor] | None = None
 ) -> tuple[dict[str, int], str]:
-    """The highest-scoring combination within the budget tolerance (router log-probabilities as scores).
+    """The best combination within the budget tolerance, by measured quality (DESIGN.md §3.3).
 
-    If nothing lies within tolerance, the largest combination that does not overshoot it. Ties (untrained,
-    uniform routers) go to the larger count, then to more layers, then to the wider residual stream: width
-    is cheaper to prune than depth (Minitron). Returns the choice indices and a note saying which rule chose them.
+    Within tolerance, in this order: the lowest loss measured at conversion (`config.architecture_scores`,
+    Minitron-style: ranked by predicted loss, the top k scored); else the lowest predicted loss (the parent's
+    loss plus each axis's single-cut cost); else, without quality scores, the best router score (`scores`:
+    log-probabilities), then the larger count, more layers, the wider residual stream. If nothing lies within
+    tolerance, the largest combination under it. Returns the choice indices and a note naming the rule.
     """
-    parent, tol = config.parent_parameters(), config.budget_tolerance
-    target = budget * parent
+    tol = config.budget_tolerance
+    within = candidates(config, budget)
 
-    def score(idx):
-        if scores is None:
-            return 0.0
-        return float(sum(scores[a][i] for a, i in idx.items()))
+    def router(idx):
+        return 0.0 if scores is None else round(float(sum(scores[a][i] for a, i in idx.items())), 6)
 
-    grid = list(_grid(config))
-    within = [(idx, p) for idx, p in grid if abs(p / target - 1) <= tol]
     if within:
-        best = max(within, key=lambda ip: (round(score(ip[0]), 6), ip[1], ip[0]["depth"], ip[0]["hidden"]))
-        return best[0], f"searched: best router score within ±{tol:g} of the budget"
-    under = [(idx, p) for idx, p in grid if p <= target * (1 + tol)]
+        measured = [(measured_loss(config, idx), -router(idx), i, idx) for i, (idx, _) in enumerate(within)]
+        measured = [m for m in measured if m[0] is not None]
+        if measured:
+            loss, _, _, idx = min(measured, key=lambda m: m[:3])
+            return idx, (f"lowest measured {config.architecture_scores.get('metric', 'loss')} ({loss:.3f}) of {len(measured)} scored of {len(within)} "
+                         f"candidates within ±{tol:g}")
+        predicted = [(predicted_loss(config, idx), -router(idx), i, idx) for i, (idx, _) in enumerate(within)]
+        if predicted[0][0] is not None:
+            loss, _, _, idx = min(predicted, key=lambda m: m[:3])
+            return idx, (f"lowest predicted {config.architecture_scores.get('metric', 'loss')} ({loss:.3f}, single-axis costs; none of the {len(within)} "
+                         f"candidates within ±{tol:g} was measured)")
+        best = max(enumerate(within), key=lambda iv: (router(iv[1][0]), -iv[0]))[1][0]
+        rule = "best router score" if scores is not None else "largest (no quality scores)"
+        return best, f"{rule} of {len(within)} candidates within ±{tol:g}"
+    target = budget * config.parent_parameters()
+    under = [(idx, p) for idx, p in _grid(config) if p <= target * (1 + tol)]
     if not under:
         raise ValueError(
             f"budget {budget:g} cannot be reached: the smallest sub-model these choices allow keeps "
             f"{smallest_budget(config):.4f} of the parent; allowed budgets are [{smallest_budget(config):.4f}, 1]"
         )
-    best = max(under, key=lambda ip: (ip[1], round(score(ip[0]), 6), ip[0]["depth"], ip[0]["hidden"]))
-    return best[0], f"searched: nothing within ±{tol:g}, largest combination under the budget"
+    best = max(under, key=lambda ip: (ip[1], router(ip[0]), ip[0]["depth"], ip[0]["hidden"]))
+    return best[0], f"nothing within ±{tol:g}: largest combination under the budget"
 
 
-def architecture_for_logits(config: LlamaFlexConfig, budget: float, logits: dict[str, torch.Tensor]) -> Architecture:
-    """The sub-model for `budget` from the routers' logits (DESIGN.md §3.3).
+def architecture_for_logits(
+    config: LlamaFlexConfig, budget: float, logits: dict[str, torch.Tensor], routers_trained: bool = True
+) -> Architecture:
+    """The sub-model for `budget` (DESIGN.md §3.3).
 
-    Budget 1 is the parent. If the routers' argmax misses the budget by more than the tolerance (or cannot
-    be exported as a LlamaConfig), the highest-scoring combination within tolerance is taken instead and
-    `note` says so.
+    Budget 1 is the parent. Routers that were never trained (`routers_trained` False: the router's
+    `trained_steps` buffer is 0) do not choose: the one-shot family is `search_architecture`'s quality ranking. Trained routers choose by their
+    argmax; if it misses the budget by more than the tolerance (or cannot be exported), the search replaces it
+    and `note` says so. `note` always names the rule that chose.
     """
     target = int(round(budget * config.parent_parameters()))
     info = {"budget": budget, "target_parameters": target}
     if budget >= 1.0:
-        return full_architecture(config, **info)
-    arch = make_architecture(config, {a: int(logits[a].argmax()) for a in AXES}, **info)
+        return full_architecture(config, note="the parent (budget 1)", **info)
+    if not routers_trained:
+        indices, note = search_architecture(config, budget)
+        return make_architecture(config, indices, note=f"one-shot (untrained routers): {note}", **info)
+    arch = make_architecture(config, {a: int(logits[a].argmax()) for a in AXES}, note="router", **info)
     if abs(arch.num_parameters / target - 1) <= config.budget_tolerance and exportable(config, arch.hidden, arch.heads):
         return arch
     scores = {a: torch.log_softmax(logits[a].detach().float(), -1).cpu() for a in AXES}
     indices, note = search_architecture(config, budget, scores)
-    return make_architecture(config, indices, note=f"router pick had {arch.num_parameters:,} params; {note}", **info)
+    return make_architecture(config, indices, note=f"router pick ({arch.num_parameters:,} params) missed the "
+                             f"budget; {note}", **info)
 
 
 def expected_parameters(config: LlamaFlexConfig, probs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,6 +214,10 @@ __all__ = [
     "Architecture",
     "architecture_for_logits",
     "budget_loss",
+    "candidates",
+    "index_key",
+    "measured_loss",
+    "predicted_loss",
     "count_parameters",
     "expected_parameters",
     "full_architecture",

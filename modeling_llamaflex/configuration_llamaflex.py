@@ -21,19 +21,22 @@ def _round_to(value: float, multiple: int, low: int) -> int:
 
 
 def default_choices(config: LlamaConfig) -> dict[str, list[int]]:
-    """Sensible default choices for a Llama parent: about half to all of each axis.
+    """Sensible default choices for a Llama parent: about half to all of each axis, every combination exportable.
 
-    hidden: 1/2 .. 1 of the residual width in eighths (multiples of 64, or of 8 for small models);
-    heads: from half to all query heads per KV group; mlp: 1/4 .. 1 in eighths; depth: 1/2 .. all layers.
+    heads: from half to all query heads per KV group, keeping only counts that divide `hidden_size` (transformers'
+    LlamaConfig refuses `hidden_size % num_attention_heads != 0` even with `head_dim` set); hidden: 1/2 .. 1 of
+    the residual width in eighths, rounded to a multiple of every head choice (and of 64, or of 8 for small
+    models); mlp: 1/4 .. 1 in eighths; depth: 1/2 .. all layers.
     """
     hidden, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     n_kv = config.num_key_value_heads
     per_group = config.num_attention_heads // n_kv
-    h_mult = 64 if hidden >= 1024 else 8
+    heads_c = sorted({n_kv * k for k in range(max(1, math.ceil(per_group / 2)), per_group + 1)})
+    heads_c = [c for c in heads_c if hidden % c == 0] or [config.num_attention_heads]
+    h_mult = math.lcm(64 if hidden >= 1024 else 8, *heads_c)
     f_mult = 256 if mlp >= 4096 else 8
     hidden_c = sorted({_round_to(hidden * i / 8, h_mult, h_mult) for i in range(4, 8)} | {hidden})
     mlp_c = sorted({_round_to(mlp * i / 8, f_mult, f_mult) for i in range(2, 8)} | {mlp})
-    heads_c = sorted({n_kv * k for k in range(max(1, math.ceil(per_group / 2)), per_group + 1)})
     step = max(1, layers // 8)
     depth_c = sorted({d for d in range(layers, max(1, layers // 2) - 1, -step)} | {layers})
     return {
@@ -98,6 +101,9 @@ class LlamaFlexConfig(LlamaConfig):
         use_modulation (`bool`): build the policy-aware modulation networks.
         budget_tolerance (`float`): relative slack on the parameter budget (router loss and architecture
             search).
+        architecture_scores (`dict`, *optional*): what conversion measured to rank architectures by quality
+            (`search.score_architectures`): the metric, the parent's score, the cost of each single-axis cut and
+            the measured loss of every scored candidate. `architecture(b)` uses it without data at load time.
         budget (`float | str`, *optional*): the active budget. None means the full model. When set at load
             time (`from_pretrained(..., budget=0.5)`) the returned model holds only that sub-model.
         elastic (`bool`): False for a model that holds one sub-model only (loaded at a budget); it has no
@@ -118,6 +124,7 @@ class LlamaFlexConfig(LlamaConfig):
     modulation_hidden_dim: int = 128
     use_modulation: bool = True
     budget_tolerance: float = 0.05
+    architecture_scores: dict | None = None
     budget: float | int | str | None = None
     elastic: bool = True
 
@@ -158,6 +165,15 @@ class LlamaFlexConfig(LlamaConfig):
             raise ValueError(
                 f"head_choices {bad} are not multiples of num_key_value_heads={n_kv}: every KV group keeps the "
                 f"same number of query heads, so allowed values are {[n_kv * k for k in range(1, self.num_attention_heads // n_kv + 1)]}"
+            )
+        invalid = [(h, q) for h in self.hidden_choices for q in self.head_choices if h % q]
+        if invalid:
+            pairs = ", ".join(f"hidden {h} with {q} heads" for h, q in invalid[:6]) + (" ..." if len(invalid) > 6 else "")
+            raise ValueError(
+                f"hidden_choices {self.hidden_choices} and head_choices {self.head_choices} combine into sub-models "
+                f"that cannot be exported as a plain LlamaConfig ({pairs}): transformers requires hidden_size to be "
+                f"a multiple of num_attention_heads. Use hidden choices that every head choice divides (multiples "
+                f"of {math.lcm(*self.head_choices)}), or drop the head choices that do not divide them"
             )
         if sorted(self.layer_ranking) != list(range(self.num_hidden_layers)):
             raise ValueError(
@@ -212,7 +228,8 @@ class LlamaFlexConfig(LlamaConfig):
                 f"{getattr(llama_config, 'model_type', None)!r}"
             )
         data = llama_config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        # (a parent loaded from a GGUF is de-quantised: its quantization_config describes no weight we hold)
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
             data.pop(key, None)
         data.update(elastic)
         return cls(**data)
@@ -221,7 +238,7 @@ class LlamaFlexConfig(LlamaConfig):
         """The plain LlamaConfig of the parent, or of a sub-model when sizes are given."""
         data = self.to_dict()
         for key in list(data):
-            if key in _FLEX_FIELDS or key in ("model_type", "auto_map", "transformers_version"):
+            if key in _FLEX_FIELDS or key in ("model_type", "auto_map", "transformers_version", "quantization_config"):
                 data.pop(key)
         data.update(sizes)
         data["head_dim"] = self.head_dim
@@ -232,7 +249,7 @@ class LlamaFlexConfig(LlamaConfig):
 _FLEX_FIELDS = {
     "hidden_choices", "head_choices", "mlp_choices", "depth_choices", "layer_ranking", "budgets",
     "router_embed_dim", "router_hidden_dim", "modulation_embed_dim", "modulation_hidden_dim",
-    "use_modulation", "budget_tolerance", "budget", "elastic",
+    "use_modulation", "budget_tolerance", "budget", "elastic", "architecture_scores",
 }
 
 __all__ = ["LlamaFlexConfig", "AXES", "default_choices", "parse_budget"]

@@ -9,20 +9,19 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .importance import collect_statistics, head_order, head_scores, hidden_scores, layer_scores, mlp_scores, rank
+from .importance import head_order, rank, score_units
 from .configuration_llamaflex import LlamaFlexConfig
 
 logger = logging.getLogger(__name__)
 
 
 def load_llama(llama) -> LlamaForCausalLM:
-    """A `LlamaForCausalLM` from a model or a path; anything not Llama-shaped is refused."""
-    if isinstance(llama, (str, os.PathLike)):
-        from transformers import AutoConfig
+    """A `LlamaForCausalLM` from a model, a checkpoint folder, a `.gguf` file (de-quantised) or a built-in
+    parent name such as `smollm2-135m` (see `parents.resolve_parent`); anything not Llama-shaped is refused."""
+    from .parents import ParentSource, load_parent_model
 
-        config = AutoConfig.from_pretrained(llama)
-        check_llama_config(config, source=str(llama))
-        return LlamaForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    if isinstance(llama, (str, os.PathLike, ParentSource)):
+        return load_parent_model(llama, dtype=torch.float32)
     check_llama_config(getattr(llama, "config", None), source=type(llama).__name__)
     if not isinstance(llama, LlamaForCausalLM):
         raise TypeError(f"the parent must be a transformers LlamaForCausalLM, got {type(llama).__name__}")
@@ -48,14 +47,14 @@ class Orders:
     layers: list[int]  # layer ranking (layers are not moved; depth keeps a prefix of this ranking)
 
 
-def importance_orders(llama, calibration_data, batch_size: int = 8, progress: bool = True) -> Orders:
-    """Calibrate and rank every unit of the parent (see `importance`)."""
-    stats = collect_statistics(llama, calibration_data, batch_size, progress)
+def importance_orders(llama, calibration_data, batch_size: int = 8, progress: bool = True, importance=None) -> Orders:
+    """Calibrate and rank every unit of the parent with the scorer chosen per axis (see `importance`)."""
+    scores = score_units(llama, calibration_data, importance, batch_size, progress)
     return Orders(
-        hidden=rank(hidden_scores(stats)),
-        heads=head_order(head_scores(stats), llama.config.num_key_value_heads),
-        mlp=rank(mlp_scores(stats)),
-        layers=rank(layer_scores(stats)).tolist(),
+        hidden=rank(scores["hidden"]),
+        heads=head_order(scores["heads"], llama.config.num_key_value_heads),
+        mlp=rank(scores["mlp"]),
+        layers=rank(scores["depth"]).tolist(),
     )
 
 
@@ -94,18 +93,27 @@ def permute_state_dict(state: dict[str, torch.Tensor], config, orders: Orders) -
 
 
 @torch.no_grad()
-def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress: bool = True, **elastic):
+def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress: bool = True, importance=None,
+               score_data=None, score_budgets=None, top_k: int = 8, **elastic):
     """An elastic model holding the parent's weights; at full budget it gives the parent's logits.
 
     With `calibration_data` (token ids: a tensor, a list of sequences, a `datasets.Dataset` or batches),
     every unit is ranked by importance and the weights are permuted so that each sub-model keeps the most
     important units as a prefix; the layer ranking goes into the config. Without it, the parent's order is
-    kept. `elastic` overrides `LlamaFlexConfig` fields (choices, budgets, ...). The parent is not modified.
+    kept. `importance` picks the scorer per axis (a name or {axis: name}; `importance.SCORERS`).
+
+    With calibration data, architectures are then ranked by quality (`search.score_architectures`): the
+    single-axis cuts and the `top_k` best-predicted candidates of each of `score_budgets` (default: the trained
+    budgets and the midpoints between them) are scored by next-token loss on `score_data` (default: the
+    calibration data), stored in `config.architecture_scores`, and the routers are fitted so that their argmax
+    at each trained budget is that budget's best architecture. `top_k=0` skips this.
+    `elastic` overrides `LlamaFlexConfig` fields (choices, budgets, ...). The parent is not modified.
     """
     llama = load_llama(llama)
     state = llama.state_dict()
     if calibration_data is not None:
-        orders = importance_orders(llama, calibration_data, batch_size, progress)
+        with torch.enable_grad():  # Taylor scorers need a backward pass
+            orders = importance_orders(llama, calibration_data, batch_size, progress, importance)
         state = permute_state_dict(state, llama.config, orders)
         elastic.setdefault("layer_ranking", orders.layers)
     config = LlamaFlexConfig.from_llama_config(llama.config, **elastic)
@@ -119,6 +127,18 @@ def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress:
     if config.tie_word_embeddings:
         flex.tie_weights()
     flex.generation_config = llama.generation_config
+    config = flex.config
+    if calibration_data is not None and top_k > 0 and config.elastic:
+        from .architecture import search_architecture
+        from .search import fit_routers, score_architectures
+
+        data = calibration_data if score_data is None else score_data
+        config.architecture_scores = score_architectures(flex, data, score_budgets, top_k, batch_size, progress)
+        family = {b: search_architecture(config, b)[0] for b in config.budgets if b < 1}
+        matched = fit_routers(flex, family)
+        if not all(matched.values()):
+            logger.warning("routers could not be fitted to the one-shot family at budgets %s",
+                           [b for b, ok in matched.items() if not ok])
     if calibration_data is None:
         logger.info("no calibration data: the units keep the parent's order (no importance ranking)")
     return flex.eval()

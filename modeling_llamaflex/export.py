@@ -23,7 +23,7 @@ from .configuration_llamaflex import LlamaFlexConfig, parse_budget
 from .elastic import Policy
 from .lora import has_peft_layers, merged_state_dict
 from .modulation import PolicyModulation
-from .router import BudgetRouter
+from .router import BudgetRouter, routers_trained
 
 
 Ranges = list[tuple[int, int]] | None  # None: the whole dimension
@@ -273,12 +273,14 @@ def router_architectures(path, config: LlamaFlexConfig, budgets, reader: Safeten
             f"{budgets[0]!r}. Load it without a budget, or train it with training/run.py first."
         )
     router = BudgetRouter(config)
+    router_state.setdefault("trained_steps", torch.zeros(1, dtype=torch.long))  # checkpoints from before it
     router.load_state_dict(router_state)
+    trained = routers_trained(router)
     out = {}
     with torch.no_grad():
         for budget in budgets:
             b = parse_budget(budget, config.parent_parameters())
-            out[budget] = architecture_for_logits(config, b, router(torch.tensor(b)))
+            out[budget] = architecture_for_logits(config, b, router(torch.tensor(b)), trained)
     return out
 
 

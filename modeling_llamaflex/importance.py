@@ -8,8 +8,14 @@ batches with forward hooks and accumulates, per token:
 * hidden channel c:          |RMSNorm output|_c, summed over every norm of every layer
 * layer l:                   1 − cos(x_in, x_out)          (block influence)
 
-The `*_scores` functions turn those sums into scores (higher = more important), one function per axis, so
-other rankings (gradient-based, say) can be added beside them with the same signatures.
+`collect_taylor_statistics` runs forward *and* backward on the next-token loss and accumulates, per unit, the
+first-order estimate of the loss change when the unit is removed, |Σ_tokens a·∂L/∂a| per sequence (Molchanov
+et al., 2019), on the same activations (the input of down_proj, each head's slice of the input of o_proj, the
+outputs of every RMSNorm). `layer_drop_losses` measures, for each layer, the loss with that layer skipped.
+
+The `*_scores` functions turn those sums into scores (higher = more important), one function per axis.
+Which scorer each axis uses is a choice made by measurement (`SCORERS`, `DEFAULT_SCORERS`; the drop-cost
+tables are in bench/QUALITY.md).
 """
 
 from __future__ import annotations
@@ -136,6 +142,131 @@ def collect_statistics(model, data, batch_size: int = 8, progress: bool = True) 
     return stats
 
 
+def _loss(model, ids, mask):
+    """Mean next-token loss of a causal LM on a batch (padding masked)."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def collect_taylor_statistics(model, data, batch_size: int = 8, progress: bool = True) -> CalibrationStatistics:
+    """First-order Taylor importance: per unit, Σ over sequences of |Σ_tokens a·∂L/∂a| (next-token loss).
+
+    `layers` holds the same for whole blocks (the block's residual update times its gradient). The model's
+    weights are not changed; their gradients are discarded.
+    """
+    config = model.config
+    L, n_q, d = config.num_hidden_layers, config.num_attention_heads, config.head_dim
+    stats = CalibrationStatistics(
+        mlp=torch.zeros(L, config.intermediate_size, dtype=torch.float64),
+        heads=torch.zeros(L, n_q, dtype=torch.float64),
+        hidden=torch.zeros(config.hidden_size, dtype=torch.float64),
+        layers=torch.zeros(L, dtype=torch.float64),
+    )
+    batch: dict = {}
+
+    def per_sequence(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, C), padding masked
+        return torch.einsum("btc,bt->bc", (x.float() * g.float()), batch["mask"].float()).double().cpu()
+
+    def watch(tensor: torch.Tensor, sink) -> None:
+        if tensor.requires_grad:
+            value = tensor.detach()
+
+            def hook(grad):  # returns None: the gradient flows on unchanged
+                sink(per_sequence(value, grad))
+
+            tensor.register_hook(hook)
+
+    hooks = []
+    for l, layer in enumerate(model.model.layers):
+
+        def mlp_hook(module, args, l=l):
+            watch(args[0], lambda s, l=l: stats.mlp[l].add_(s.abs().sum(0)))
+
+        def head_hook(module, args, l=l):
+            def sink(s, l=l):  # (B, n_q·d) -> per head
+                stats.heads[l] += s.reshape(s.shape[0], n_q, d).sum(-1).abs().sum(0)
+
+            watch(args[0], sink)
+
+        def norm_hook(module, args, output):
+            watch(output, lambda s: batch["hidden"].append(s))
+
+        def layer_hook(module, args, kwargs, output, l=l):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = output[0] if isinstance(output, tuple) else output
+            delta = (x_out - x_in).detach()
+            if x_out.requires_grad:
+                def hook(grad, l=l, delta=delta):
+                    stats.layers[l] += per_sequence(delta, grad).sum(-1).abs().sum()
+
+                x_out.register_hook(hook)
+
+        hooks += [
+            layer.mlp.down_proj.register_forward_pre_hook(mlp_hook),
+            layer.self_attn.o_proj.register_forward_pre_hook(head_hook),
+            layer.input_layernorm.register_forward_hook(norm_hook),
+            layer.post_attention_layernorm.register_forward_hook(norm_hook),
+            layer.register_forward_hook(layer_hook, with_kwargs=True),
+        ]
+    hooks.append(model.model.norm.register_forward_hook(norm_hook))
+    was_training = model.training
+    requires = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    model.requires_grad_(False)
+    embed = model.get_input_embeddings()
+    hooks.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
+    device = next(model.parameters()).device
+    try:
+        for ids, mask in tqdm(list(calibration_batches(data, batch_size)), desc="calibration (taylor)",
+                              disable=not progress):
+            ids = ids.to(device)
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            batch.update(mask=mask, hidden=[])
+            _loss(model, ids, mask).backward()
+            stats.hidden += torch.stack(batch["hidden"]).sum(0).abs().sum(0)  # one channel: all its norms together
+            stats.tokens += int(mask.sum())
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    if stats.tokens == 0:
+        raise ValueError("calibration data holds no tokens")
+    return stats
+
+
+@torch.no_grad()
+def layer_drop_losses(model, data, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
+    """(layers,): next-token loss on `data` with each layer skipped in turn (its input passed through)."""
+    batches = list(calibration_batches(data, batch_size))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
+    try:
+        for l in tqdm(range(len(losses)), desc="layer drop losses", disable=not progress):
+            layer = model.model.layers[l]
+            hook = layer.register_forward_hook(
+                lambda m, a, kw, out: (a[0] if a else kw["hidden_states"]), with_kwargs=True
+            )
+            try:
+                total, count = 0.0, 0
+                for ids, mask in batches:
+                    ids = ids.to(device)
+                    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+                    n = int(mask[:, 1:].sum())
+                    total += float(_loss(model, ids, mask)) * n
+                    count += n
+                losses[l] = total / max(count, 1)
+            finally:
+                hook.remove()
+    finally:
+        model.train(was_training)
+    return losses
+
+
 # ---- one scoring function per axis: higher means more important ----
 
 
@@ -159,6 +290,55 @@ def layer_scores(stats: CalibrationStatistics) -> torch.Tensor:
     return stats.layers / stats.tokens
 
 
+SCORERS = {
+    "hidden": ("activation", "taylor"),
+    "heads": ("activation", "taylor"),
+    "mlp": ("activation", "taylor"),
+    "depth": ("block_influence", "taylor", "drop_loss"),
+}
+DEFAULT_SCORERS = {"hidden": "activation", "heads": "activation", "mlp": "activation", "depth": "block_influence"}
+
+
+def resolve_scorers(importance: str | dict | None) -> dict[str, str]:
+    """Per-axis scorer names from None (the defaults), one name for every axis that has it, or a dict."""
+    scorers = dict(DEFAULT_SCORERS)
+    if isinstance(importance, str):
+        scorers.update({axis: importance for axis, names in SCORERS.items() if importance in names})
+        if not any(importance in names for names in SCORERS.values()):
+            raise ValueError(f"importance {importance!r} is not a scorer; allowed per axis: {SCORERS}")
+    elif importance is not None:
+        unknown = set(importance) - set(SCORERS)
+        if unknown:
+            raise ValueError(f"importance names unknown axes {sorted(unknown)}; axes are {list(SCORERS)}")
+        scorers.update(importance)
+    bad = {a: n for a, n in scorers.items() if n not in SCORERS[a]}
+    if bad:
+        raise ValueError(f"importance scorers {bad} are not allowed; allowed per axis: {SCORERS}")
+    return scorers
+
+
+def score_units(model, data, importance: str | dict | None = None, batch_size: int = 8,
+                progress: bool = True) -> dict[str, torch.Tensor]:
+    """Scores of every unit on every axis (higher = more important) with the chosen scorer per axis."""
+    scorers = resolve_scorers(importance)
+    needed = set(scorers.values())
+    stats = {}
+    if needed & {"activation", "block_influence"}:
+        stats["activation"] = stats["block_influence"] = collect_statistics(model, data, batch_size, progress)
+    if "taylor" in needed:
+        stats["taylor"] = collect_taylor_statistics(model, data, batch_size, progress)
+    scores = {
+        "hidden": hidden_scores(stats[scorers["hidden"]]),
+        "heads": head_scores(stats[scorers["heads"]]),
+        "mlp": mlp_scores(stats[scorers["mlp"]]),
+    }
+    if scorers["depth"] == "drop_loss":
+        scores["depth"] = layer_drop_losses(model, data, batch_size, progress)  # higher loss: more important
+    else:
+        scores["depth"] = layer_scores(stats[scorers["depth"]])
+    return scores
+
+
 def rank(scores: torch.Tensor) -> torch.Tensor:
     """Indices from the most to the least important (stable for ties: lower index first)."""
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
@@ -177,6 +357,12 @@ __all__ = [
     "CalibrationStatistics",
     "calibration_batches",
     "collect_statistics",
+    "collect_taylor_statistics",
+    "layer_drop_losses",
+    "resolve_scorers",
+    "score_units",
+    "DEFAULT_SCORERS",
+    "SCORERS",
     "head_order",
     "head_scores",
     "hidden_scores",

@@ -36,7 +36,7 @@ from .configuration_llamaflex import AXES, LlamaFlexConfig, parse_budget
 from .elastic import ElasticLinear, ElasticRMSNorm, ElasticState, Policy, apply_mask
 from .lora import install_peft_hook
 from .modulation import AxisModulation, PolicyModulation
-from .router import BudgetRouter, gumbel_softmax
+from .router import BudgetRouter, gumbel_softmax, routers_trained
 
 
 @dataclass
@@ -179,6 +179,8 @@ class LlamaFlexPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         if isinstance(module, AxisModulation):
             init.copy_(module.choice_embedding, module.make_table())
+        if isinstance(module, BudgetRouter):
+            init.zeros_(module.trained_steps)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and this package's code; `auto_map` names all three Auto classes."""
@@ -276,10 +278,11 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
         b = parse_budget(budget, self.parent_parameters())
         logits = self.router(torch.tensor(b, device=self.embed_tokens.weight.device))
         # keyed on the logits themselves: cheap to compute, and never stale after an optimizer step
-        key = (b, tuple(tuple(logits[a].float().cpu().tolist()) for a in AXES))
+        trained = routers_trained(self.router)
+        key = (b, trained, tuple(tuple(logits[a].float().cpu().tolist()) for a in AXES))
         if key in self._architecture_cache:
             return self._architecture_cache[key]
-        arch = architecture_for_logits(self.config, b, logits)
+        arch = architecture_for_logits(self.config, b, logits, trained)
         self._architecture_cache = {key: arch}
         return arch
 

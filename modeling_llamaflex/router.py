@@ -44,6 +44,9 @@ class BudgetRouter(nn.Module):
             head[-1]._zero_init = True
         for layer in [self.embed] + [head[0] for head in self.heads.values()]:
             layer._fan_in_init = True  # unit-variance features, so the budget is visible to the heads from step 0
+        # optimizer steps these weights were trained for (FlexTrainer counts them). Kept with the weights, so that
+        # it travels wherever they go (checkpoints, PEFT adapters); 0: the routers do not choose architectures.
+        self.register_buffer("trained_steps", torch.zeros(1, dtype=torch.long))  # shape (1,): readable by row
 
     def forward(self, budget: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per axis for a scalar budget tensor."""
@@ -51,6 +54,11 @@ class BudgetRouter(nn.Module):
         features = sinusoidal(budget.reshape(()), self.embed_dim, max_frequency=BUDGET_MAX_FREQUENCY).to(dtype)
         shared = F.silu(self.embed(features))
         return {axis: normalize_logits(head(shared)) for axis, head in self.heads.items()}
+
+
+def routers_trained(module: nn.Module) -> bool:
+    """True if any `BudgetRouter` in `module` (a router, or PEFT's wrapper around one) has been trained."""
+    return any(int(m.trained_steps) > 0 for m in module.modules() if isinstance(m, BudgetRouter))
 
 
 def normalize_logits(raw: torch.Tensor) -> torch.Tensor:
@@ -82,4 +90,4 @@ def gumbel_softmax(
     return one_hot - soft.detach() + soft
 
 
-__all__ = ["BudgetRouter", "gumbel_softmax", "sinusoidal"]
+__all__ = ["BudgetRouter", "gumbel_softmax", "routers_trained", "sinusoidal"]

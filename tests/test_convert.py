@@ -91,7 +91,7 @@ def test_identity_layer_is_ranked_last():
     assert orders.layers[-1] == 1
     flex = LlamaFlexForCausalLM.from_llama(llama, calibration(), progress=False)
     assert flex.config.layer_ranking[-1] == 1
-    three = make_architecture(flex.config, {"hidden": 4, "heads": 2, "mlp": 6, "depth": 1})
+    three = make_architecture(flex.config, {"hidden": 4, "heads": 1, "mlp": 6, "depth": 1})
     assert three.depth == 3 and three.kept_layers == (0, 2, 3)
 
 

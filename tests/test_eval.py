@@ -246,6 +246,32 @@ def test_collect_without_results_says_so(checkpoint, tmp_path, capsys):
     assert "run eval/run_all.sh first" in capsys.readouterr().err
 
 
+def test_collect_shows_the_standard_error_and_a_tasks_own_main_metric(checkpoint, tmp_path):
+    model_dir = checkpoint[0]
+    out = tmp_path / "eval"
+    fake_results(out, plan.budget_label(1.0), {"pretrained": str(model_dir), "budget": 1.0}, {
+        "bb_social_iqa": {"acc,none": 0.37, "acc_stderr,none": 0.0242, "acc_norm,none": 0.445,
+                          "acc_norm_stderr,none": 0.0249},
+        "flex_hellaswag": {"acc,none": 0.3, "acc_stderr,none": 0.02, "acc_norm,none": 0.31,
+                           "acc_norm_stderr,none": "N/A"},
+        "flex_ppl": {"word_perplexity,none": 120.0, "word_perplexity_stderr,none": "N/A"},
+    })
+    path = next(out.glob("raw/**/results_*.json"))
+    data = json.loads(path.read_text())
+    data["configs"]["bb_social_iqa"]["metadata"] = {"version": 1.0, "main_metric": "acc_norm"}  # as its YAML says
+    path.write_text(json.dumps(data))
+    assert collect.main([str(out), str(model_dir)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"]["bb_social_iqa"]["metric"] == "acc_norm"
+    row = results["sub_models"][0]
+    assert row["metrics"]["bb_social_iqa"] == 0.445 and row["stderr"]["bb_social_iqa"] == 0.0249
+    assert row["all_stderr"]["bb_social_iqa"] == {"acc": 0.0242, "acc_norm": 0.0249}
+    assert row["stderr"]["flex_hellaswag"] is None and row["stderr"]["flex_ppl"] is None  # lm-eval's "N/A"
+    table = (out / "results.md").read_text()
+    assert "| 31.0 | 120 | 44.5 ± 2.5 | 37.8 |" in table and "bb_social_iqa (acc_norm)" in table, table
+    assert collect.fmt(0.5, True, 0.0123) == "50.0 ± 1.2" and collect.fmt(3.25, False, 0.5) == "3.25 ± 0.5"
+
+
 # ---- the whole pipeline with lm-eval (slow: one lm-eval process per budget) ----
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ ARCHITECTURES = [
     {"hidden": 0, "heads": 0, "mlp": 0, "depth": 0},
     {"hidden": 2, "heads": 1, "mlp": 3, "depth": 1},
     {"hidden": 4, "heads": 0, "mlp": 6, "depth": 2},
-    {"hidden": 3, "heads": 2, "mlp": 5, "depth": 2},
+    {"hidden": 3, "heads": 1, "mlp": 5, "depth": 2},
 ]
 
 
@@ -104,8 +104,9 @@ def test_architecture_falls_back_when_the_router_overshoots(llama):
         for head in flex.model.router.heads.values():
             head[-1].weight.zero_()
             head[-1].bias.copy_(torch.arange(head[-1].bias.numel(), dtype=torch.float32) * 10)
+    flex.model.router.trained_steps.fill_(1)  # trained routers choose; untrained ones never do
     arch = flex.architecture(0.5)
-    assert "searched" in arch.note
+    assert "missed the budget" in arch.note and "within" in arch.note
     assert abs(arch.num_parameters / arch.target_parameters - 1) <= flex.config.budget_tolerance
 
 
@@ -180,7 +181,7 @@ def test_llama31_8b_on_meta_device():
 def test_modulation_leaves_the_full_model_alone(llama, input_ids):
     """Gains are measured from the full choice: a trained modulation never changes the parent."""
     flex = elastic(llama)
-    full = {"hidden": 4, "heads": 2, "mlp": 6, "depth": 2}
+    full = {"hidden": 4, "heads": 1, "mlp": 6, "depth": 2}
     gains = flex.model.modulation(Policy.one_hot(flex.config, full).probs)
     assert torch.equal(gains, torch.ones_like(gains))
     logits = flex(input_ids, policy=Policy.one_hot(flex.config, full, sliced=False)).logits

@@ -30,9 +30,10 @@ if __package__ in (None, ""):  # `python training/run.py` and `deepspeed trainin
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM, set_seed
 
 from modeling_llamaflex import LlamaFlexForCausalLM
+from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, parent_model_type, resolve_parent
 from training.arguments import FlexTrainingArguments
 from training.data import DataArguments, build_lm_datasets, lm_data_collator
 from training.trainer import FlexTrainer
@@ -44,7 +45,8 @@ logger = logging.getLogger("training.run")
 class ModelArguments:
     parent: str | None = field(
         default=None,
-        metadata={"help": "A Llama checkpoint (converted here) or a LlamaFlex checkpoint. None: a tiny random Llama."},
+        metadata={"help": "A Llama checkpoint folder, a Llama .gguf file or the built-in name smollm2-135m (converted "
+                          "here), or a LlamaFlex checkpoint. None: a tiny random Llama."},
     )
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder (default: the parent's)."})
     teacher: str | None = field(
@@ -125,8 +127,9 @@ def without_zero3(function, *args, **kwargs):
 def prepare_model(model_args: ModelArguments, training_args, tokenizer, train_dataset):
     """Convert (main process only) or load the LlamaFlex model; returns (flex, teacher path or model)."""
     dtype = getattr(torch, model_args.dtype)
-    parent_path = model_args.parent
-    is_flex = parent_path is not None and AutoConfig.from_pretrained(parent_path).model_type == "llamaflex"
+    parent_path = model_args.parent  # a folder, a .gguf file or a built-in name such as smollm2-135m
+    source = resolve_parent(parent_path) if parent_path else None
+    is_flex = source is not None and parent_model_type(source) == "llamaflex"
     if is_flex:
         flex_path = parent_path
     else:
@@ -134,8 +137,8 @@ def prepare_model(model_args: ModelArguments, training_args, tokenizer, train_da
         with training_args.main_process_first(desc="converting the parent"):
             if training_args.process_index == 0 and not os.path.exists(os.path.join(flex_path, "config.json")):
                 parent = (
-                    without_zero3(LlamaForCausalLM.from_pretrained, parent_path, dtype=torch.float32)
-                    if parent_path else tiny_parent(len(tokenizer), tokenizer)
+                    without_zero3(load_parent_model, source, dtype=torch.float32)
+                    if source is not None else tiny_parent(len(tokenizer), tokenizer)
                 )
                 n = min(model_args.calibration_samples, len(train_dataset)) if hasattr(train_dataset, "__len__") else 0
                 calibration = torch.tensor(train_dataset[:n]["input_ids"]) if n > 0 else None
@@ -156,10 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_seed(training_args.seed)
-    tokenizer_path = model_args.tokenizer or (model_args.parent if model_args.parent else None)
-    if tokenizer_path is None:
+    if model_args.tokenizer is None and model_args.parent is None:
         raise ValueError("give --tokenizer (or a --parent with its tokenizer): the data must be tokenized")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if model_args.parent:  # fetch a built-in parent once (one process), before every rank reads it
+        with training_args.main_process_first(desc="fetching the parent"):
+            resolve_parent(model_args.parent)
+    tokenizer = (AutoTokenizer.from_pretrained(model_args.tokenizer) if model_args.tokenizer
+                 else load_parent_tokenizer(model_args.parent))  # a .gguf parent's tokenizer comes from the file
     with training_args.main_process_first(desc="tokenizing"):
         datasets = build_lm_datasets(data_args, tokenizer)
 
@@ -169,9 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
     flex, flex_path, teacher_path = prepare_model(model_args, training_args, tokenizer, datasets["train"])
     teacher = None
     if training_args.distillation_weight > 0:
-        if AutoConfig.from_pretrained(teacher_path).model_type != "llama":
+        if parent_model_type(teacher_path) != "llama":
             raise ValueError(f"the distillation teacher {teacher_path} must be a plain Llama; give --teacher")
-        teacher = LlamaForCausalLM.from_pretrained(teacher_path, dtype=getattr(torch, model_args.dtype))
+        teacher = load_parent_model(teacher_path, dtype=getattr(torch, model_args.dtype))  # folder, .gguf or name
     trainer = FlexTrainer(
         model=flex,
         args=training_args,
@@ -191,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_budget": {f"{b:g}": n for b, n in sorted(trainer.tokens_per_budget.items())},
         "architectures": trainer.architecture_report(),
         "parent": model_args.parent,
+        "parent_source": resolve_parent(model_args.parent).to_dict() if model_args.parent else None,
         "lora_r": training_args.lora_r,
         "converted_from": flex_path,
         "world_size": training_args.world_size,

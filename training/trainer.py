@@ -27,6 +27,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from modeling_llamaflex import parse_budget
 from modeling_llamaflex.lora import flex_model, has_peft_layers, merged_state_dict
+from modeling_llamaflex.router import BudgetRouter
 
 from .arguments import FlexArguments, FlexTrainingArguments
 from .callbacks import SCHEDULES, _flex
@@ -143,6 +144,8 @@ class FlexTrainingMixin:
                 self.teacher = prepare_deepspeed(teacher_model, self.accelerator)
             else:
                 self.teacher = teacher_model.to(self.args.device).eval()
+        self._routers = [m for m in self.model.modules() if isinstance(m, BudgetRouter)]  # PEFT keeps a copy
+        self._router_steps_before = max(int(m.trained_steps) for m in self._routers)
         self._micro = (-1, 0)
         self._eval_budget: float | None = None
         self._stats = defaultdict(lambda: defaultdict(float))
@@ -238,6 +241,9 @@ class FlexTrainingMixin:
         if budget < 1.0 or args.freeze_llm:  # (a frozen LLM at b = 1 has only the routers left to train)
             forward.update(budget=budget, route_mode="hard" if hard else "soft", generator=generator)
         outputs = model(**forward, labels=labels if args.lm_loss_weight > 0 else None)
+        if outputs.budget_loss is not None and args.router_learning_rate > 0:  # from now on the routers choose
+            for router in self._routers:
+                router.trained_steps.fill_(self._router_steps_before + step + 1)
 
         loss = torch.zeros((), device=outputs.logits.device)
         stats = self._stats[budget]

@@ -1,0 +1,65 @@
+"""Shared by the quality benches: a parent and its tokenized text, and held-out loss."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def parse_blocks(spec: str) -> tuple[int, int]:
+    """'8x128' -> (8, 128)."""
+    n, t = spec.lower().split("x")
+    return int(n), int(t)
+
+
+def text_blocks(tokenizer, text: str, spec: str) -> torch.Tensor:
+    """N blocks of T token ids, taken evenly across `text`."""
+    n, t = parse_blocks(spec)
+    ids = tokenizer(text)["input_ids"]
+    blocks = len(ids) // t
+    if blocks < n:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than {n} blocks of {t}")
+    data = torch.tensor(ids[: blocks * t]).reshape(blocks, t)
+    return data[:: blocks // n][:n]
+
+
+def load_parent_and_blocks(parent: str, calibration: str, held_out: str, corpus_dir: str = ".cache/shakespeare"):
+    """(parent LlamaForCausalLM fp32, calibration blocks from the training text, held-out blocks from the
+    validation text, info). `parent` is anything `modeling_llamaflex.parents` resolves (a folder, a .gguf,
+    `smollm2-135m`); the corpus is Shakespeare (python -m training.corpus)."""
+    from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, resolve_parent
+
+    from training.corpus import fetch_shakespeare
+
+    if not os.path.exists(os.path.join(corpus_dir, "validation.txt")):
+        fetch_shakespeare(corpus_dir)
+    source = resolve_parent(parent)
+    model = load_parent_model(source).eval()
+    tokenizer = load_parent_tokenizer(source)
+    if tokenizer is None:  # the toy parent keeps its tokenizer in the corpus folder
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(corpus_dir, "tokenizer-4096"))
+    with open(os.path.join(corpus_dir, "train.txt"), encoding="utf-8") as fh:
+        train = fh.read()
+    with open(os.path.join(corpus_dir, "validation.txt"), encoding="utf-8") as fh:
+        validation = fh.read()
+    calib = text_blocks(tokenizer, train[: 2_000_000], calibration)
+    evals = text_blocks(tokenizer, validation, held_out)
+    info = {"name": parent, "non_embedding_parameters": None}
+    return model, calib, evals, info
+
+
+@torch.no_grad()
+def held_out_loss(model, blocks: torch.Tensor, batch_size: int = 4, **forward) -> float:
+    """Mean next-token cross-entropy (nats/token) over every predicted position of `blocks`."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start : start + batch_size]
+        logits = model(input_ids=ids, use_cache=False, **forward).logits[:, :-1].float()
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total / count

@@ -1,0 +1,131 @@
+"""The one-shot family (no training): the old rule (largest size within tolerance) against the quality-ranked
+search, on a grid of budgets, scored by held-out loss (issue 11, bench/QUALITY.md).
+
+    python bench/oneshot.py --parent smollm2-135m --out bench/results/oneshot_smollm2.json
+    python bench/oneshot.py --parent runs/toy-parent --out bench/results/oneshot_toy.json
+
+Both families come from the same parent and calibration blocks (training text). "size rule" is what
+`from_llama` did before: activation importance, and the largest exportable combination within ±5% of each
+budget. "quality" is today's default: `--importance` scorers, and the candidates ranked by measured KL to the
+parent on `--score` blocks (`modeling_llamaflex.search`), scored for every budget of the grid. Each sub-model
+is run sliced on held-out blocks (the validation plays) and its mean next-token loss is reported with the
+standard error over blocks of its difference to the parent's loss (paired: the same blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import torch.nn.functional as F
+
+from modeling_llamaflex import LlamaFlexForCausalLM
+from modeling_llamaflex.architecture import smallest_budget
+from modeling_llamaflex.elastic import Policy
+
+from bench.common import load_parent_and_blocks, text_blocks  # noqa: F401
+
+
+@torch.no_grad()
+def block_losses(model, blocks: torch.Tensor, batch_size: int = 4, **forward) -> torch.Tensor:
+    """(blocks,): mean next-token loss of each block."""
+    model.eval()
+    out = []
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start : start + batch_size]
+        logits = model(input_ids=ids, use_cache=False, **forward).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        out.append(loss.mean(-1))
+    return torch.cat(out)
+
+
+def family(flex, grid, held_out, parent_losses, batch_size) -> list[dict]:
+    rows = []
+    for budget in grid:
+        arch = flex.architecture(budget)
+        policy = None if budget >= 1 else Policy.one_hot(flex.config, arch.indices)
+        losses = block_losses(flex, held_out, batch_size, policy=policy)
+        diff = losses - parent_losses
+        rows.append({"budget": budget, "hidden": arch.hidden, "heads": arch.heads, "mlp": arch.mlp, "depth": arch.depth,
+                     "fraction": arch.num_parameters / flex.config.parent_parameters(), "note": arch.note,
+                     "loss": float(losses.mean()), "delta": float(diff.mean()),
+                     "delta_se": float(diff.std() / len(diff) ** 0.5)})
+        print(f"  {budget:.3f}: {arch.hidden}/{arch.heads}/{arch.mlp}/{arch.depth}  loss {rows[-1]['loss']:.3f} "
+              f"(+{rows[-1]['delta']:.3f} ± {rows[-1]['delta_se']:.3f})", flush=True)
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parent", default="smollm2-135m")
+    p.add_argument("--calibration", default="32x256", help="importance calibration blocks NxT (training text)")
+    p.add_argument("--score", default="8x256", help="blocks NxT the candidates are scored on (training text)")
+    p.add_argument("--eval", default="16x256", help="held-out blocks NxT (validation text)")
+    p.add_argument("--importance", default=None, help="scorer name or JSON {axis: name} (default: the library's)")
+    p.add_argument("--grid", type=int, default=20, help="budgets from the smallest reachable to 1")
+    p.add_argument("--top_k", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    start = time.time()
+    parent, calib, held_out, info = load_parent_and_blocks(args.parent, args.calibration, args.eval)
+    score = calib[-int(args.score.split("x")[0]):] if args.score else calib
+    parent_losses = block_losses(parent, held_out, args.batch_size)
+    importance = json.loads(args.importance) if args.importance and args.importance.startswith("{") else args.importance
+    result = {"parent": info, "args": vars(args), "parent_loss": float(parent_losses.mean()), "families": {}}
+    print(f"parent {args.parent}: held-out loss {result['parent_loss']:.4f}")
+
+    t0 = time.time()
+    old = LlamaFlexForCausalLM.from_llama(parent, calib, importance="activation", top_k=0, progress=False)
+    grid = torch.linspace(smallest_budget(old.config), 1.0, args.grid).tolist()
+    result["grid"] = grid
+    print("size rule (activation importance, largest within tolerance):")
+    result["families"]["size rule"] = {"convert_seconds": round(time.time() - t0, 1),
+                                       "rows": family(old, grid, held_out, parent_losses, args.batch_size)}
+    del old
+    t0 = time.time()
+    new = LlamaFlexForCausalLM.from_llama(parent, calib, importance=importance, score_data=score,
+                                          score_budgets=[b for b in grid if b < 1], top_k=args.top_k)
+    seconds = round(time.time() - t0, 1)
+    print(f"quality ranked (importance {importance or 'default'}, top {args.top_k}, {seconds}s to convert):")
+    result["families"]["quality"] = {"convert_seconds": seconds,
+                                     "scored": len(new.config.architecture_scores["scored"]),
+                                     "rows": family(new, grid, held_out, parent_losses, args.batch_size)}
+    result["seconds"] = round(time.time() - start, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    fams = result["families"]
+    names = list(fams)
+    lines = [f"Parent held-out loss {result['parent_loss']:.3f} nats/token. Loss above the parent's "
+             f"(± standard error over {result['args']['eval']} held-out blocks); architecture hidden/heads/mlp/depth.", "",
+             "| budget | " + " | ".join(f"{n}: arch | {n}: Δ loss" for n in names) + " |",
+             "|---:|" + "---|---:|" * len(names)]
+    for i, budget in enumerate(result["grid"]):
+        cells = []
+        for n in names:
+            r = fams[n]["rows"][i]
+            cells += [f"{r['hidden']}/{r['heads']}/{r['mlp']}/{r['depth']} ({r['fraction']:.2f})",
+                      f"+{r['delta']:.3f} ± {r['delta_se']:.3f}"]
+        lines.append(f"| {budget:.3f} | " + " | ".join(cells) + " |")
+    for n in names:
+        deltas = [r["delta"] for r in fams[n]["rows"]]
+        bad = [f"{result['grid'][i + 1]:.3f}" for i in range(len(deltas) - 1) if deltas[i + 1] > deltas[i] + 1e-9]
+        lines.append(f"\n{n}: larger budget with a higher loss than the one below it at: {', '.join(bad) or 'none'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

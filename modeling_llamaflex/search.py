@@ -1,0 +1,146 @@
+"""Architectures ranked by measured quality, and routers that start from them (DESIGN.md §3.3).
+
+As Minitron's NAS does, the candidates within a budget's tolerance are ranked and the top k are scored on
+calibration data (here by the distillation loss to the parent); the best is kept. Ours ranks by a *predicted*
+score rather than by size: the sum of the measured costs of each axis's cut on its own (one forward per choice), which sends the scoring to the
+cuts that hurt least (cutting a third of SmolLM2's heads costs 2.5 nats, its MLP to the same size 0.3).
+`score_architectures` returns what was measured; conversion stores it in `config.architecture_scores`, so
+`architecture(b)` needs no data at load time (`architecture.search_architecture`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .architecture import candidates, full_architecture, index_key, make_architecture, predicted_loss, search_architecture
+from .configuration_llamaflex import AXES
+from .elastic import Policy
+from .importance import calibration_batches
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def _kl_to_parent(flex, batches, parent_logprobs: list[torch.Tensor] | None, indices: dict[str, int] | None):
+    """Mean KL(parent ‖ sub-model) per token of the sub-model `indices` (None: the full model), sliced.
+
+    With `parent_logprobs` None, returns the full model's log-probabilities per batch instead (the reference).
+    """
+    device = flex.model.embed_tokens.weight.device
+    policy = None if indices is None else Policy.one_hot(flex.config, indices, device=device)
+    total, count, out = 0.0, 0, []
+    for b, (ids, mask) in enumerate(batches):
+        ids = ids.to(device)
+        mask = torch.ones_like(ids) if mask is None else mask.to(device)
+        logprobs = F.log_softmax(flex(input_ids=ids, attention_mask=mask, policy=policy, use_cache=False).logits.float(), -1)
+        if parent_logprobs is None:
+            out.append(logprobs)
+            continue
+        ref = parent_logprobs[b]
+        kl = (ref.exp() * (ref - logprobs)).sum(-1)
+        total += float((kl * mask).sum())
+        count += int(mask.sum())
+    return out if parent_logprobs is None else total / max(count, 1)
+
+
+def default_score_budgets(config) -> list[float]:
+    """The trained budgets and the midpoints between neighbours (what the eval's interpolated budgets are)."""
+    budgets = sorted(b for b in config.budgets if b < 1)
+    mids = [(a + b) / 2 for a, b in zip(budgets, budgets[1:] + [1.0])]
+    return sorted(set(budgets) | set(mids))
+
+
+def score_architectures(flex, data, budgets: list[float] | None = None, top_k: int = 8, batch_size: int = 8,
+                        progress: bool = True) -> dict:
+    """Measure the candidates of `budgets` on `data` (token ids, as for calibration); returns the scores.
+
+    The score is the distillation loss to the parent, KL(parent ‖ sub-model) in nats per token: 0 for a cut
+    that changes nothing, whatever the data (a next-token loss can prefer a damaged model by chance on a few
+    thousand tokens).
+    1. the KL of every single-axis cut (the other axes full);
+    2. for each budget, the candidates within tolerance ranked by predicted loss; the top `top_k` are
+       measured (each combination once, whatever the number of budgets it serves).
+    The result is JSON-serialisable: {"metric", "tokens", "parent" (0: the parent's own KL), "axis_costs",
+    "scored" ({"h,q,f,d" choice indices: KL}), "budgets", "top_k"}.
+    """
+    config = flex.config
+    batches = list(calibration_batches(data, batch_size))
+    tokens = sum(int(ids.numel() if mask is None else mask.sum()) for ids, mask in batches)
+    budgets = default_score_budgets(config) if budgets is None else sorted(set(float(b) for b in budgets))
+    was_training = flex.training
+    flex.eval()
+    full = {a: len(config.choices[a]) - 1 for a in AXES}
+    cuts = [(a, i) for a in AXES for i in range(len(config.choices[a]) - 1)]
+    bar = tqdm(total=1 + len(cuts), desc="scoring single-axis cuts", disable=not progress)
+    reference = _kl_to_parent(flex, batches, None, None)
+    bar.update()
+    costs = {a: [0.0] * len(config.choices[a]) for a in AXES}
+    scored: dict[str, float] = {index_key(full): 0.0}
+    for axis, i in cuts:
+        idx = dict(full, **{axis: i})
+        costs[axis][i] = scored[index_key(idx)] = _kl_to_parent(flex, batches, reference, idx)
+        bar.update()
+    bar.close()
+    result = {"metric": "kl_to_parent", "tokens": tokens, "parent": 0.0, "axis_costs": costs, "scored": scored,
+              "budgets": budgets, "top_k": top_k}
+    config.architecture_scores = result  # predicted_loss reads it from the config
+    todo = []
+    for budget in budgets:
+        ranked = sorted(candidates(config, budget), key=lambda ip: predicted_loss(config, ip[0]))
+        todo += [idx for idx, _ in ranked[:top_k] if index_key(idx) not in scored and idx not in todo]
+    for idx in tqdm(todo, desc="scoring candidate architectures", disable=not progress):
+        scored[index_key(idx)] = _kl_to_parent(flex, batches, reference, idx)
+    flex.train(was_training)
+    return result
+
+
+def format_scores(config, budgets: list[float] | None = None) -> str:
+    """A table of the scored candidates of each budget (the chosen one first), for the convert command."""
+    scores = config.architecture_scores or {}
+    lines = [f"scored by {scores.get('metric')} (nats/token) on {scores.get('tokens', 0):,} calibration tokens"]
+    for budget in budgets or scores.get("budgets", config.budgets):
+        chosen, note = search_architecture(config, budget)
+        lines.append(f"budget {budget:g}: {make_architecture(config, chosen)}  [{note}]")
+        for idx, params in candidates(config, budget):
+            loss = (scores.get("scored") or {}).get(index_key(idx))
+            if loss is not None:
+                arch = make_architecture(config, idx)
+                mark = "*" if idx == chosen else " "
+                lines.append(f"  {mark} {loss:.4f}  hidden={arch.hidden} heads={arch.heads} mlp={arch.mlp} "
+                             f"depth={arch.depth} ({params / config.parent_parameters():.3f})")
+    return "\n".join(lines)
+
+
+def fit_routers(flex, architectures: dict[float, dict[str, int]], steps: int = 400, lr: float = 1e-2,
+                progress: bool = False) -> dict[float, bool]:
+    """Initialise the routers so that their argmax at each budget is the given architecture's choice.
+
+    Cross-entropy of each axis's (normalised) logits against the target index, Adam on the router only; budget
+    1 maps to the full model. Returns, per budget, whether the argmax now matches on every axis.
+    """
+    config = flex.config
+    router = flex.model.router
+    targets = dict(architectures)
+    targets.setdefault(1.0, full_architecture(config).indices)
+    device = next(router.parameters()).device
+    dtype = next(router.parameters()).dtype
+    budgets = sorted(targets)
+    tensors = {a: torch.tensor([targets[b][a] for b in budgets], device=device) for a in AXES}
+    inputs = [torch.tensor(b, device=device, dtype=dtype) for b in budgets]
+    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in tqdm(range(steps), desc="fitting routers", disable=not progress):
+            logits = [router(x) for x in inputs]
+            loss = sum(F.cross_entropy(torch.stack([l[a] for l in logits]).float() * 4.0, tensors[a]) for a in AXES)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return {b: all(int(router(x)[a].argmax()) == targets[b][a] for a in AXES) for b, x in zip(budgets, inputs)}
+
+
+__all__ = ["default_score_budgets", "fit_routers", "format_scores", "score_architectures"]

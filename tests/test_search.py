@@ -1,0 +1,114 @@
+"""Architectures ranked by measured quality, exportable choices, and routers fitted to the one-shot family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from transformers import LlamaConfig
+
+from modeling_llamaflex import LlamaFlexConfig, LlamaFlexForCausalLM
+from modeling_llamaflex.architecture import candidates, count_parameters, make_architecture, search_architecture
+from modeling_llamaflex.configuration_llamaflex import AXES
+from modeling_llamaflex.export import sub_model_sizes
+
+
+def calibration(n: int = 8, length: int = 16, seed: int = 5) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randint(3, 128, (n, length))
+
+
+def mlp_only_budget(config: LlamaFlexConfig, mlp: int) -> float:
+    full = config.parent_parameters()
+    return count_parameters(config, config.hidden_size, config.num_attention_heads, mlp, config.num_hidden_layers) / full
+
+
+def test_harmless_axis_is_the_one_cut_and_the_cut_is_loss_free(input_ids):
+    """Half of every layer's MLP neurons are dead (zero up_proj rows, scattered): the one-shot sub-model at the
+    size of that cut must cut exactly them, and give the parent's logits."""
+    llama = tiny_llama()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in llama.model.layers:
+            dead = torch.randperm(128)[:64]
+            layer.mlp.up_proj.weight[dead] = 0
+    flex = LlamaFlexForCausalLM.from_llama(llama, calibration(), progress=False, budgets=[0.7])
+    budget = mlp_only_budget(flex.config, 64)
+    assert len(candidates(flex.config, budget)) > 1  # other cuts of the same size exist
+    arch = flex.architecture(budget)
+    assert (arch.hidden, arch.heads, arch.mlp, arch.depth) == (64, 8, 64, 4), arch
+    assert arch.note.startswith("one-shot") and "measured" in arch.note
+    torch.testing.assert_close(flex(input_ids, budget=budget).logits, llama(input_ids).logits, atol=1e-5, rtol=0)
+
+
+def test_scores_travel_with_the_checkpoint(tmp_path):
+    """architecture(b) after loading needs no data: the measured scores are in config.json."""
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), calibration(), progress=False)
+    scores = flex.config.architecture_scores
+    assert scores["metric"] == "kl_to_parent" and scores["scored"] and set(scores["axis_costs"]) == set(AXES)
+    before = {b: flex.architecture(b).to_dict() for b in (0.5, 0.6, 0.75, 0.9)}
+    flex.save_pretrained(tmp_path)
+    loaded = LlamaFlexForCausalLM.from_pretrained(tmp_path)
+    assert {b: loaded.architecture(b).to_dict() for b in before} == before
+
+
+def test_quality_search_picks_the_lowest_measured_loss():
+    """The chosen candidate has the lowest measured loss among those scored within tolerance."""
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), calibration(), progress=False, top_k=50)
+    config = flex.config
+    scored = config.architecture_scores["scored"]
+    for budget in config.architecture_scores["budgets"]:
+        chosen, note = search_architecture(config, budget)
+        losses = [scored[",".join(str(i[a]) for a in AXES)] for i, _ in candidates(config, budget)]
+        best = min(losses)
+        assert scored[",".join(str(chosen[a]) for a in AXES)] == best, (budget, note)
+
+
+def test_untrained_routers_do_not_choose_but_are_fitted_to_the_family():
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), calibration(), progress=False)
+    config = flex.config
+    assert int(flex.model.router.trained_steps) == 0
+    one_shot = {b: flex.architecture(b) for b in config.budgets}
+    assert all(a.note.startswith("one-shot (untrained routers)") for a in one_shot.values())
+    flex.model.router.trained_steps.fill_(1)  # as after training: the routers' own argmax now chooses
+    for b, arch in one_shot.items():
+        routed = flex.architecture(b)
+        assert routed.note == "router" and routed.indices == arch.indices, (b, routed, arch)
+
+
+@pytest.mark.parametrize("heads, kv, hidden", [(8, 2, 64), (9, 3, 72), (6, 2, 48)])
+def test_every_routed_pick_is_exportable(heads, kv, hidden):
+    """With scrambled router weights, every argmax and every hard sample over a grid of budgets is a valid
+    plain LlamaConfig (transformers refuses hidden_size % num_attention_heads != 0)."""
+    llama = tiny_llama(num_attention_heads=heads, num_key_value_heads=kv, hidden_size=hidden, head_dim=16)
+    flex = LlamaFlexForCausalLM.from_llama(llama)
+    flex.model.router.trained_steps.fill_(1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in flex.model.router.parameters():
+            p.normal_(0, 2.0)
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for budget in torch.linspace(0.3, 1.0, 15).tolist():
+        try:
+            arch = flex.architecture(budget)
+        except ValueError:
+            continue  # below the smallest reachable budget
+        picks = [arch.indices]
+        for _ in range(5):
+            probs = flex.route(budget, mode="hard", generator=generator).probs
+            picks.append({a: int(probs[a].argmax()) for a in AXES})
+        for indices in picks:
+            sub = make_architecture(flex.config, indices)
+            flex.config.to_llama_config(**sub_model_sizes(sub))  # raises if transformers refuses it
+            seen.add((sub.hidden, sub.heads))
+    assert len(seen) > 1
+
+
+def test_invalid_explicit_choices_are_refused_naming_them():
+    parent = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=16)
+    with pytest.raises(Exception, match=r"hidden 64 with 6 heads.*multiple of num_attention_heads"):
+        LlamaFlexConfig.from_llama_config(parent, head_choices=[4, 6, 8])
+    with pytest.raises(Exception, match=r"hidden 36 with 8 heads"):
+        LlamaFlexConfig.from_llama_config(parent, hidden_choices=[36, 64])
