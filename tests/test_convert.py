@@ -49,7 +49,7 @@ def test_permutation_sorts_units_by_score():
     """After conversion, re-scoring the converted model gives non-increasing scores along every axis."""
     llama = tiny_llama()
     data = calibration()
-    flex = LlamaFlexForCausalLM.from_llama(llama, data, progress=False)
+    flex = LlamaFlexForCausalLM.from_llama(llama, data, progress=False, importance="activation", top_k=0)
     stats = importance.collect_statistics(flex, data, progress=False)
     mlp = importance.mlp_scores(stats)
     assert (mlp[:, :-1] >= mlp[:, 1:] - 1e-6).all()
@@ -76,10 +76,43 @@ def test_dominant_neuron_and_head_land_first():
         # give layer 2's group-1 values a large scale and the other heads of group 1 flat attention.
         llama.model.layers[2].self_attn.q_proj.weight[4 * 16 : 8 * 16] *= 0.0
         llama.model.layers[2].self_attn.q_proj.weight[6 * 16 : 7 * 16] = torch.randn(16, 64) * 5
-    orders = importance_orders(llama, calibration(), progress=False)
+    orders = importance_orders(llama, calibration(), progress=False, importance="activation")
     assert int(orders.mlp[1, 0]) == 77
     assert int(orders.heads[2, 4]) == 6  # first in its KV group
     assert sorted(orders.heads[2, :4].tolist()) == [0, 1, 2, 3]  # heads never leave their group
+
+
+def test_taylor_ranks_a_harmless_head_last_where_activation_ranks_it_first():
+    """Head 4 (first of KV group 1) of layer 2 has the largest output but o_proj ignores it: dropping it costs
+    nothing. Activation norms put it first in its group; the Taylor score (the default) puts it last."""
+    llama = tiny_llama()
+    with torch.no_grad():
+        llama.model.layers[2].self_attn.v_proj.weight[16:32] *= 20  # KV group 1's values: every head of it is large
+        llama.model.layers[2].self_attn.o_proj.weight[:, 4 * 16 : 5 * 16] = 0
+        llama.model.layers[2].self_attn.o_proj.weight[:, 5 * 16 : 8 * 16] /= 20  # the others keep their effect
+    activation = importance_orders(llama, calibration(), progress=False, importance="activation")
+    default = importance_orders(llama, calibration(), progress=False)
+    assert importance.DEFAULT_SCORERS["heads"] == "taylor"
+    assert int(default.heads[2, 7]) == 4  # last of group 1 (positions 4..7)
+    assert int(activation.heads[2, 7]) != 4
+
+
+def test_permutation_sorts_taylor_scores():
+    llama = tiny_llama()
+    data = calibration()
+    flex = LlamaFlexForCausalLM.from_llama(llama, data, progress=False, top_k=0)
+    heads = importance.head_scores(importance.collect_taylor_statistics(flex, data, progress=False)).reshape(4, 2, 4)
+    assert (heads[..., :-1] >= heads[..., 1:] - 1e-6).all()
+    layers = importance.layer_drop_kl(flex, data, progress=False)
+    ranking = flex.config.layer_ranking
+    assert (layers[ranking][:-1] >= layers[ranking][1:] - 1e-9).all()
+
+
+def test_scorer_names_are_checked():
+    with pytest.raises(ValueError, match="not a scorer"):
+        importance.resolve_scorers("magic")
+    with pytest.raises(ValueError, match=r"\{'depth': 'activation'\} are not allowed"):
+        importance.resolve_scorers({"depth": "activation"})
 
 
 def test_identity_layer_is_ranked_last():

@@ -70,6 +70,17 @@ def task_dir(checkpoint, tmp_path_factory):
     return out
 
 
+class _TaskLoader(yaml.SafeLoader):
+    """Reads the task YAML, keeping `!function module.name` (flex_ppl's process_results) as a string."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
+
+
+def read_task_yaml(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=_TaskLoader)  # noqa: S506 (a SafeLoader)
+
+
 def run_all(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run(["bash", str(ROOT / "eval" / "run_all.sh"), *args], capture_output=True, text=True,
@@ -86,7 +97,7 @@ def test_build_tasks_is_seeded_and_well_formed(task_dir, checkpoint, tmp_path):
         assert rows == (again / "data" / f"{name}.jsonl").read_text(), f"{name} is not reproducible"
         rows = [json.loads(line) for line in rows.splitlines()]
         assert 0 < len(rows) <= 12
-        config = yaml.safe_load((task_dir / f"{name}.yaml").read_text())
+        config = read_task_yaml(task_dir / f"{name}.yaml")
         assert config["dataset_path"] == "json" and config["tag"] == [build_tasks.TAG]
         assert Path(config["dataset_kwargs"]["data_files"]["test"]).is_absolute()
     for row in map(json.loads, (task_dir / "data" / "flex_hellaswag.jsonl").read_text().splitlines()):
@@ -109,6 +120,73 @@ def test_lm_eval_indexes_the_local_tasks(task_dir):
     assert set(loaded) == set(build_tasks.TASKS)
     docs = list(loaded["flex_lambada"].test_docs())
     assert len(docs) > 0 and loaded["flex_hellaswag"].OUTPUT_TYPE == "multiple_choice"
+
+
+def test_ppl_docs_merge_short_remainders_and_are_shuffled():
+    texts = ["\n\n".join(f"{name} block {i} " + "x" * 90 for i in range(n)) for name, n in (("a", 41), ("b", 33))]
+    docs = build_tasks.ppl_docs(texts, random.Random(0), 300, chunk_chars=1000)
+    assert sorted(len(d["text"]) for d in docs)[0] >= 1000  # 41 and 33 blocks: remainders of 1 and 3 merged
+    assert "".join(d["text"] for d in docs).count("block") == 41 + 33  # nothing lost
+    assert docs == build_tasks.ppl_docs(texts, random.Random(0), 300, chunk_chars=1000)  # seeded
+    first = [d["text"][0] for d in docs[:4]]
+    assert first != sorted(first), "corpus order: --limit would only score the first text"
+
+
+def test_flex_ppl_has_a_per_document_metric_with_a_standard_error(task_dir, tmp_path):
+    """flex_ppl.yaml's process_results (flex_ppl_utils.py, next to it) is found by lm-eval and gives
+    nll_per_byte (mean, so a standard error) besides the corpus-level perplexities."""
+    import math
+    import statistics
+
+    from lm_eval import simple_evaluate
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    assert (task_dir / "flex_ppl_utils.py").is_file()
+    config = read_task_yaml(task_dir / "flex_ppl.yaml")
+    assert config["process_results"] == "!function flex_ppl_utils.process_results"
+    assert config["metadata"]["main_metric"] == "nll_per_byte"
+    task = TaskManager(include_path=str(task_dir), include_defaults=False).load_task_or_group(["flex_ppl"])["flex_ppl"]
+    docs = list(task.test_docs())
+    assert len(docs) > 1
+    target = task.doc_to_target(docs[0])
+    assert target == docs[0]["text"]
+    n_bytes, n_words = task.count_bytes(target), task.count_words(target)
+    scores = task.process_results(docs[0], [-2.0 * n_bytes])
+    assert scores == {"nll_per_byte": pytest.approx(2.0), "word_perplexity": (-2.0 * n_bytes, n_words),
+                      "byte_perplexity": (-2.0 * n_bytes, n_bytes), "bits_per_byte": (-2.0 * n_bytes, n_bytes)}
+    assert task.higher_is_better() == dict.fromkeys(scores, False)
+    assert task.aggregation()["nll_per_byte"].__name__ == "mean"
+
+    class Rolling(LM):  # nats per byte 1.0, 1.5, 2.0, 1.0, ... by document
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return [-(1.0 + 0.5 * (i % 3)) * len(r.arguments[0].encode()) for i, r in enumerate(requests)]
+
+        def generate_until(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    results = simple_evaluate(model=Rolling(), tasks=["flex_ppl"], task_manager=manager, bootstrap_iters=10)
+    values = [1.0 + 0.5 * (i % 3) for i in range(len(docs))]
+    got = results["results"]["flex_ppl"]
+    assert got["nll_per_byte,none"] == pytest.approx(statistics.mean(values))
+    assert got["nll_per_byte_stderr,none"] == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)))
+    total_ll = sum(-v * len(d["text"].encode()) for v, d in zip(values, docs))
+    words = sum(task.count_words(d["text"]) for d in docs)
+    assert got["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words))
+    assert got["bits_per_byte,none"] == pytest.approx(-total_ll / sum(len(d["text"].encode()) for d in docs)
+                                                      / math.log(2))
+    assert got["word_perplexity_stderr,none"] == "N/A"
+
+    raw = tmp_path / "eval" / "raw" / "budget_1" / "0shot" / "m" / "results_2026-01-01T00-00-00.json"
+    raw.parent.mkdir(parents=True)
+    raw.write_text(json.dumps({k: results[k] for k in ("results", "configs", "config")}, default=str))
+    read = collect.read_raw(tmp_path / "eval")["budget_1"]["tasks"]["flex_ppl"]
+    assert read["main_metric"] == "nll_per_byte"
+    assert read["stderr"] == {"nll_per_byte": got["nll_per_byte_stderr,none"]}
 
 
 def test_build_tasks_refuses_text_without_speeches(tmp_path):
@@ -200,13 +278,18 @@ def fake_results(out: Path, label: str, model_args: dict, results: dict, shots: 
     path.write_text(json.dumps(data))
 
 
+NLL = (1.6, 1.55, 1.5, 1.495)  # flex_ppl's nll_per_byte by budget (± 0.01): the last step is within its error
+
+
 def fake_output(out: Path, model_dir: Path, parent_dir: Path | None = None) -> None:
     for i, b in enumerate((0.375, 0.5, 0.625, 1.0)):
         args = {"pretrained": str(model_dir), "trust_remote_code": True, "budget": b}
         fake_results(out, plan.budget_label(b), args, {
             "flex_lambada": {"alias": "flex_lambada", "acc,none": 0.1 * i, "acc_stderr,none": 0.01,
                              "perplexity,none": 50.0 - i},
-            "flex_ppl": {"word_perplexity,none": 100.0 - i, "bits_per_byte,none": 2.0},
+            "flex_ppl": {"nll_per_byte,none": NLL[i], "nll_per_byte_stderr,none": 0.01,
+                         "word_perplexity,none": 100.0 - i, "word_perplexity_stderr,none": "N/A",
+                         "bits_per_byte,none": 2.0},
         })
         fake_results(out, plan.budget_label(b), args, shots=5, groups={"mmlu": ["mmlu_a", "mmlu_b"]}, results={
             "mmlu": {"acc,none": 0.25 + 0.01 * i}, "mmlu_a": {"acc,none": 0.2}, "mmlu_b": {"acc,none": 0.3},
@@ -224,7 +307,8 @@ def test_collect_table_and_plot(checkpoint, tmp_path):
     assert collect.main([str(out), str(model_dir)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["tasks"]) == ["mmlu", "flex_lambada", "flex_ppl"]
-    assert results["tasks"]["mmlu"]["shots"] == 5 and results["tasks"]["flex_ppl"]["metric"] == "word_perplexity"
+    assert results["tasks"]["mmlu"]["shots"] == 5 and results["tasks"]["flex_ppl"]["metric"] == "nll_per_byte"
+    assert results["tasks"]["flex_ppl"]["higher_is_better"] is False and not results["tasks"]["flex_ppl"]["accuracy"]
     rows = {r["label"]: r for r in results["sub_models"]}
     assert [r["kind"] for r in results["sub_models"]] == ["interpolated", "explicit", "interpolated", "full", "parent"]
     flex = LlamaFlexForCausalLM.from_pretrained(model_dir)
@@ -232,11 +316,25 @@ def test_collect_table_and_plot(checkpoint, tmp_path):
         row = rows[plan.budget_label(b)]
         assert row["architecture"] == flex.architecture(b).to_dict()
         assert row["non_embedding_parameters"] == flex.architecture(b).num_parameters
-    assert rows["budget_0.5"]["metrics"] == {"mmlu": 0.26, "flex_lambada": 0.9, "flex_ppl": 99.0}
-    assert rows["budget_0.5"]["average"] == pytest.approx((0.26 + 0.9) / 2)  # perplexity left out
+    assert rows["budget_0.5"]["metrics"] == {"mmlu": 0.26, "flex_lambada": 0.9, "flex_ppl": 1.55}
+    assert rows["budget_0.5"]["stderr"]["flex_ppl"] == 0.01
+    assert rows["budget_0.5"]["all_metrics"]["flex_ppl"]["word_perplexity"] == 99.0  # kept, not the main one
+    assert rows["budget_0.5"]["average"] == pytest.approx((0.26 + 0.9) / 2)  # nll_per_byte left out
+    pairs = {(p["from"], p["to"]): p["tasks"] for p in results["neighbours"]}
+    assert list(pairs) == [("budget_0.375", "budget_0.5"), ("budget_0.5", "budget_0.625"),
+                           ("budget_0.625", "budget_1")]  # the parent is no budget
+    step = pairs[("budget_0.375", "budget_0.5")]["flex_ppl"]
+    assert step["difference"] == pytest.approx(-0.05) and step["combined_stderr"] == pytest.approx(0.01 * 2 ** 0.5)
+    assert step["z"] == pytest.approx(3.54, abs=0.01) and step["exceeds"] is True
+    assert pairs[("budget_0.625", "budget_1")]["flex_ppl"]["exceeds"] is False  # 0.005 < 0.014
+    assert pairs[("budget_0.375", "budget_0.5")]["mmlu"]["exceeds"] is None  # no standard error
     assert rows["parent"]["non_embedding_parameters"] == flex.config.parent_parameters()
     table = (out / "results.md").read_text()
-    cells = ("| 0.375 | interpolated |", "| 0.5 | explicit |", "| 1 | full |", "| – | parent |", "mmlu (acc, 5-shot)")
+    cells = ("| 0.375 | interpolated |", "| 0.5 | explicit |", "| 1 | full |", "| – | parent |", "mmlu (acc, 5-shot)",
+             "flex_ppl (nll_per_byte)", "| 1.550 ± 0.010 |", "| 1.495 ± 0.010 |",
+             "| budgets | mmlu (acc) | flex_lambada (acc) | flex_ppl (nll_per_byte, lower is better) |",
+             "| 0.375 → 0.5 | +1.0 (no SE) | +90.0 (no SE) | -0.050 (z 3.5) ✓ |",
+             "| 0.625 → 1 | +1.0 (no SE) | +10.0 (z 7.1) ✓ | -0.005 (z 0.4) |")
     assert all(cell in table for cell in cells), table
     assert (out / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -269,7 +367,8 @@ def test_collect_shows_the_standard_error_and_a_tasks_own_main_metric(checkpoint
     assert row["stderr"]["flex_hellaswag"] is None and row["stderr"]["flex_ppl"] is None  # lm-eval's "N/A"
     table = (out / "results.md").read_text()
     assert "| 31.0 | 120 | 44.5 ± 2.5 | 37.8 |" in table and "bb_social_iqa (acc_norm)" in table, table
-    assert collect.fmt(0.5, True, 0.0123) == "50.0 ± 1.2" and collect.fmt(3.25, False, 0.5) == "3.25 ± 0.5"
+    assert collect.fmt(0.5, True, 0.0123) == "50.0 ± 1.2" and collect.fmt(3.25, False, 0.5) == "3.25 ± 0.50"
+    assert collect.fmt(1.23456, False, 0.00723) == "1.2346 ± 0.0072" and collect.fmt(503.2, False, 12.3) == "503 ± 12"
 
 
 # ---- the whole pipeline with lm-eval (slow: one lm-eval process per budget) ----

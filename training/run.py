@@ -57,6 +57,16 @@ class ModelArguments:
         metadata={"help": 'LlamaFlexConfig overrides as JSON, e.g. \'{"budgets": [0.5, 0.75], "use_modulation": false}\'.'},
     )
     calibration_samples: int = field(default=256, metadata={"help": "Training blocks used to rank units (0: keep the order)."})
+    importance: str | None = field(
+        default=None,
+        metadata={"help": 'Importance scorer: one name for every axis that has it, or JSON {"heads": "taylor", ...} '
+                          "(modeling_llamaflex.importance.SCORERS; default: the library's)."},
+    )
+    score_samples: int = field(
+        default=8, metadata={"help": "Training blocks (after the calibration ones) the candidate architectures are "
+                                     "scored on, by KL to the parent (0: no quality ranking)."},
+    )
+    top_k: int = field(default=8, metadata={"help": "Candidates scored per budget (ranked by predicted KL)."})
     dtype: str = field(default="float32", metadata={"help": "Dtype of the loaded weights (bfloat16 on GPUs)."})
     extract_budgets: bool = field(default=True, metadata={"help": "Save the trained budgets' sub-models after training."})
     max_eval_samples: int | None = field(
@@ -142,12 +152,23 @@ def prepare_model(model_args: ModelArguments, training_args, tokenizer, train_da
                 )
                 n = min(model_args.calibration_samples, len(train_dataset)) if hasattr(train_dataset, "__len__") else 0
                 calibration = torch.tensor(train_dataset[:n]["input_ids"]) if n > 0 else None
+                k = min(model_args.score_samples, len(train_dataset) - n) if n > 0 else 0
+                scoring = torch.tensor(train_dataset[n : n + k]["input_ids"]) if k > 0 else calibration
                 elastic = json.loads(model_args.elastic) if model_args.elastic else {}
-                flex = without_zero3(LlamaFlexForCausalLM.from_llama, parent, calibration, **elastic)
+                importance = model_args.importance
+                if importance and importance.lstrip().startswith("{"):
+                    importance = json.loads(importance)
+                flex = without_zero3(LlamaFlexForCausalLM.from_llama, parent, calibration, importance=importance,
+                                     score_data=scoring, top_k=model_args.top_k if model_args.score_samples else 0,
+                                     **elastic)
                 flex.save_pretrained(flex_path)
                 if parent_path is None:
                     parent.save_pretrained(os.path.join(training_args.output_dir, "parent"))
                 logger.info("converted parent saved to %s; choices %s", flex_path, flex.config.choices)
+                if flex.config.architecture_scores:
+                    from modeling_llamaflex.search import format_scores
+
+                    logger.info("one-shot architectures by measured quality:\n%s", format_scores(flex.config))
                 del flex
     flex = LlamaFlexForCausalLM.from_pretrained(flex_path, dtype=dtype)
     teacher = model_args.teacher or parent_path or os.path.join(training_args.output_dir, "parent")
