@@ -9,7 +9,10 @@ Three tasks, written as lm-eval YAML (``dataset_path: json``, local ``data_files
   speech; choices: the true next line and 3 distractor lines drawn from other speeches (``acc``,
   ``acc_norm``).
 * ``flex_ppl``: rolling perplexity over chunks of held-out text (``word_perplexity``, ``byte_perplexity``,
-  ``bits_per_byte``), like lm-eval's ``wikitext``.
+  ``bits_per_byte``), like lm-eval's ``wikitext``, plus a per-document ``nll_per_byte`` (nats per UTF-8 byte,
+  ``mean`` aggregation) that has a standard error and is the task's main metric; its ``process_results``
+  lives in ``flex_ppl_utils.py``, copied next to the YAML. The chunks are stored in a seeded random order, so
+  that ``--limit N`` scores a random sample of the held-out text rather than the start of the first play.
 
 All three carry the tag ``llamaflex_local``, so ``--tasks llamaflex_local`` runs them together.
 
@@ -34,6 +37,7 @@ import argparse
 import json
 import random
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +48,7 @@ import yaml
 TAG = "llamaflex_local"
 DEFAULT_OUT = Path(__file__).resolve().parent / "tasks" / "local"  # where eval/plan.py looks with --local
 TASKS = ("flex_lambada", "flex_hellaswag", "flex_ppl")
+PPL_UTILS = Path(__file__).resolve().parent / "flex_ppl_utils.py"  # flex_ppl's process_results, copied to `out`
 _SPEAKER = re.compile(r"^[A-Z][A-Za-z' .-]{0,30}\.$")  # "Ber.", "First Clown.", "King."
 _LAST_WORD = re.compile(r"^(.*\S)\s+([A-Za-z][A-Za-z']*[A-Za-z])[^A-Za-z]*$")  # a line ending in a word (+ punct.)
 
@@ -119,18 +124,27 @@ def hellaswag_docs(speeches: Sequence[Speech], rng: random.Random, max_examples:
 
 
 def ppl_docs(texts: Sequence[str], rng: random.Random, max_examples: int, chunk_chars: int) -> list[dict]:
-    """Chunks of about `chunk_chars` characters, cut at blank lines."""
+    """Chunks of about `chunk_chars` characters, cut at blank lines; a text's short remainder (under half a
+    chunk) joins its last chunk, so that no tiny document weighs as much as a full one in the per-document
+    mean. Returned in a seeded random order: lm-eval's ``--limit N`` takes the first N documents."""
     docs = []
     for text in texts:
+        chunks: list[str] = []
         chunk = ""
         for block in re.split(r"\n\s*\n", text.strip()):
             chunk = f"{chunk}\n\n{block}" if chunk else block
             if len(chunk) >= chunk_chars:
-                docs.append({"text": chunk})
+                chunks.append(chunk)
                 chunk = ""
         if chunk.strip():
-            docs.append({"text": chunk})
-    return _sample(docs, rng, max_examples)
+            if chunks and len(chunk) < chunk_chars / 2:
+                chunks[-1] = f"{chunks[-1]}\n\n{chunk}"
+            else:
+                chunks.append(chunk)
+        docs += [{"text": c} for c in chunks]
+    docs = _sample(docs, rng, max_examples)
+    rng.shuffle(docs)
+    return docs
 
 
 def _sample(docs: list[dict], rng: random.Random, max_examples: int) -> list[dict]:
@@ -151,7 +165,12 @@ class _Dumper(yaml.SafeDumper):
     pass
 
 
+class _Function(str):
+    """A YAML ``!function module.name`` value: lm-eval imports `module` from the YAML's folder."""
+
+
 _Dumper.add_representer(str, _str_style)
+_Dumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
 
 
 def task_configs(data: dict[str, Path]) -> dict[str, dict]:
@@ -183,7 +202,14 @@ def task_configs(data: dict[str, Path]) -> dict[str, dict]:
         "flex_ppl": {
             "task": "flex_ppl", **common, **files("flex_ppl"), "output_type": "loglikelihood_rolling",
             "doc_to_text": "", "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+            "process_results": _Function(f"{PPL_UTILS.stem}.process_results"),
+            "metric_list": [
+                {"metric": "nll_per_byte", "aggregation": "mean", "higher_is_better": False},
+                {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+            ],
+            "metadata": {"version": 2.0, "main_metric": "nll_per_byte"},  # 2: nll_per_byte; read by eval/collect.py
         },
     }
 
@@ -211,6 +237,7 @@ def build(texts: dict[str, str], out: Path, max_examples: int = 300, seed: int =
             fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     for name, config in task_configs(paths).items():
         (out / f"{name}.yaml").write_text(yaml.dump(config, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+    shutil.copyfile(PPL_UTILS, out / PPL_UTILS.name)  # flex_ppl.yaml's process_results
     manifest = {"sources": sorted(texts), "seed": seed, "max_examples": max_examples, "chunk_chars": chunk_chars,
                 "tag": TAG, "examples": {name: len(rows) for name, rows in docs.items()}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

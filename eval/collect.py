@@ -14,10 +14,19 @@ included) is kept as ``total_parameters`` as a cross-check.
 
 Main metric per task: the one a task's YAML names in ``metadata.main_metric`` (the BIG-bench tasks of
 eval/bigbench_tasks.py do), ``acc_norm`` for HellaSwag-style tasks, else the first of acc, acc_norm,
-exact_match, f1, mc2, word_perplexity, perplexity, bits_per_byte that the task reports. Accuracy-type metrics
-are shown in percent and averaged; perplexities are shown as they are and left out of the average. The table
-gives lm-eval's standard error beside each value ("44.5 ± 2.5") where lm-eval computed one; results.json keeps
-the value (``metrics``) and the standard error (``stderr``) apart, and ``all_stderr`` for every metric.
+exact_match, f1, mc2, nll_per_byte, word_perplexity, perplexity, bits_per_byte that the task reports (the local
+``flex_ppl`` names ``nll_per_byte``, its per-document mean negative log-likelihood per byte, which, unlike the
+corpus-level perplexities, has a standard error; ``word_perplexity`` and the others stay in ``all_metrics``).
+Accuracy-type metrics are shown in percent and averaged; the others are shown as they are and left out of the
+average. The table gives lm-eval's standard error beside each value ("44.5 ± 2.5") where lm-eval computed one;
+results.json keeps the value (``metrics``) and the standard error (``stderr``) apart, and ``all_stderr`` for
+every metric.
+
+Neighbouring budgets of the flex model (sorted by budget; the parent left out) are compared task by task:
+``neighbours`` in results.json and a second table in results.md give the difference of the main metric (larger
+budget minus smaller), the combined standard error sqrt(se1² + se2²), their ratio z, and whether the
+difference exceeds the combined standard error (z > 1). Both budgets are scored on the same items, so this
+combined error, which ignores their correlation, is conservative: a paired comparison would be sharper.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PREFERRED = {"hellaswag": "acc_norm", "flex_hellaswag": "acc_norm"}
-METRIC_ORDER = ("acc", "acc_norm", "exact_match", "f1", "mc2", "word_perplexity", "perplexity", "bits_per_byte")
+METRIC_ORDER = ("acc", "acc_norm", "exact_match", "f1", "mc2", "nll_per_byte", "word_perplexity", "perplexity",
+                "bits_per_byte")
 ACCURACY = {"acc", "acc_norm", "exact_match", "f1", "mc1", "mc2", "em"}
 TASK_ORDER = ("arc_easy", "lambada_openai", "piqa", "winogrande", "mmlu", "hellaswag",
               "flex_lambada", "flex_hellaswag", "flex_ppl")
@@ -147,7 +157,36 @@ def collect(output: Path, model_dir: Path) -> dict:
         })
     rows.sort(key=lambda r: (KIND_ORDER[r["kind"]], r["budget"] or 0))
     return {"model_dir": str(model_dir.resolve()), "parent_non_embedding_parameters": parent_params,
-            "explicit_budgets": explicit, "tasks": tasks, "sub_models": rows}
+            "explicit_budgets": explicit, "tasks": tasks, "sub_models": rows,
+            "neighbours": neighbours(rows, list(tasks))}
+
+
+def _number(value) -> float | None:
+    """A finite number, else None (missing, lm-eval's "N/A", NaN)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def neighbours(rows: list[dict], task_names: list[str]) -> list[dict]:
+    """Each pair of neighbouring budgets (the parent left out): per task, the main metric's difference (larger
+    budget minus smaller), the combined standard error sqrt(se1² + se2²), z = |difference| / combined, and
+    whether the difference exceeds the combined standard error (None where a value or an error is missing)."""
+    flex = sorted((r for r in rows if r["budget"] is not None), key=lambda r: r["budget"])
+    pairs = []
+    for low, high in zip(flex, flex[1:]):
+        cells = {}
+        for t in task_names:
+            a, b = _number(low["metrics"].get(t)), _number(high["metrics"].get(t))
+            if a is None or b is None:
+                continue
+            se_a, se_b = _number(low["stderr"].get(t)), _number(high["stderr"].get(t))
+            combined = math.hypot(se_a, se_b) if se_a is not None and se_b is not None else None
+            z = abs(b - a) / combined if combined else None
+            cells[t] = {"difference": b - a, "combined_stderr": combined, "z": z,
+                        "exceeds": None if z is None else z > 1}
+        pairs.append({"from": low["label"], "to": high["label"], "budgets": [low["budget"], high["budget"]],
+                      "tasks": cells})
+    return pairs
 
 
 def human(n: int) -> str:
@@ -157,14 +196,22 @@ def human(n: int) -> str:
     return str(n)
 
 
+def _decimals(stderr: float) -> int:
+    """Decimals that show a standard error to two significant digits (and its value to the same place)."""
+    return max(0, 1 - math.floor(math.log10(stderr)))
+
+
 def fmt(value: float | None, accuracy: bool, stderr: float | None = None) -> str:
-    """A table cell: accuracy in percent, else as it is; "± standard error" beside it when there is one."""
+    """A table cell: accuracy in percent, else as it is; "± standard error" beside it when there is one (a
+    non-accuracy value then to the standard error's two significant digits: "1.2345 ± 0.0072")."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    text = f"{100 * value:.1f}" if accuracy else f"{value:.4g}"
     if isinstance(stderr, (int, float)) and math.isfinite(stderr) and stderr > 0:
-        text += f" ± {100 * stderr:.1f}" if accuracy else f" ± {stderr:.2g}"
-    return text
+        if accuracy:
+            return f"{100 * value:.1f} ± {100 * stderr:.1f}"
+        places = _decimals(stderr)
+        return f"{value:.{places}f} ± {stderr:.{places}f}"
+    return f"{100 * value:.1f}" if accuracy else f"{value:.4g}"
 
 
 def markdown(results: dict) -> str:
@@ -185,12 +232,40 @@ def markdown(results: dict) -> str:
         cells.append(fmt(row["average"], True))
         lines.append("| " + " | ".join(cells) + " |")
     limits = {row["limit"] for row in results["sub_models"]}
-    note = ("Accuracy-type metrics in %, perplexities as they are, each ± lm-eval's standard error where it gives "
-            "one; the average is over the accuracy-type metrics. "
+    note = ("Accuracy-type metrics in %, the others (nll_per_byte: nats per byte, perplexities) as they are, each "
+            "± lm-eval's standard error where it gives one; the average is over the accuracy-type metrics. "
             "Non-embedding parameters from the routers' architecture for each budget.")
     if limits != {None}:
         note += f" Evaluated on at most {', '.join(f'{x:g}' for x in limits if x)} examples per task (--limit)."
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    return "\n".join(lines) + "\n\n" + note + "\n" + neighbours_markdown(results)
+
+
+def neighbours_markdown(results: dict) -> str:
+    """The neighbouring-budget table: difference, z and ✓ where it exceeds the combined standard error."""
+    pairs, tasks = results.get("neighbours") or [], results["tasks"]
+    if not pairs:
+        return ""
+    head = ["budgets"] + [f"{t} ({info['metric']}{'' if info['higher_is_better'] else ', lower is better'})"
+                          for t, info in tasks.items()]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(tasks)]
+    for pair in pairs:
+        cells = [" → ".join(f"{b:g}" for b in pair["budgets"])]
+        for t, info in tasks.items():
+            cell = pair["tasks"].get(t)
+            if cell is None:
+                cells.append("–")
+                continue
+            d, combined = cell["difference"], cell["combined_stderr"]
+            text = (f"{100 * d:+.1f}" if info["accuracy"] else
+                    f"{d:+.{_decimals(combined)}f}" if combined else f"{d:+.2g}")
+            text += " (no SE)" if cell["z"] is None else f" (z {cell['z']:.1f}){' ✓' if cell['exceeds'] else ''}"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("Neighbouring budgets: difference of each main metric (larger budget minus smaller; accuracy in "
+            "points), z = |difference| / sqrt(se1² + se2²), ✓ where the difference exceeds that combined standard "
+            "error (z > 1; z > 2 is the usual bar for a clear difference). The same items score both budgets, so "
+            "this combined error is conservative.")
+    return "\n" + "\n".join(lines) + "\n\n" + note + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
