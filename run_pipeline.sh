@@ -15,7 +15,7 @@ if [ "$PARENT" = toy ]; then
   TASKS="${TASKS:-flex_lambada,flex_hellaswag,flex_ppl}"
 else
   RUN="${RUN:-runs/pipeline}"; CONFIG=training/configs/cpu_smollm2.yaml
-  FLEX_STEPS="${FLEX_STEPS:-48}"; EVAL_LIMIT="${EVAL_LIMIT:-200}"
+  FLEX_STEPS="${FLEX_STEPS:-48}"; EVAL_LIMIT="${EVAL_LIMIT:-120}"
   TASKS="${TASKS:-bb_social_iqa,bb_winogrande,flex_lambada,flex_ppl}"
 fi
 PARENT_MINUTES="${PARENT_MINUTES:-6}"
@@ -50,7 +50,7 @@ python -m training.corpus --out "$CORPUS"
 if [ "$PARENT" = toy ]; then
   python eval/build_tasks.py --corpus_dir "$CORPUS" --out "$RUN/tasks"
 else
-  python eval/build_tasks.py --corpus_dir "$CORPUS" --bigbench --out "$RUN/tasks"
+  python eval/build_tasks.py --corpus_dir "$CORPUS" --bigbench --chunk_chars 600 --out "$RUN/tasks"
   if [ ! -f "$RUN/parent/config.json" ]; then  # the de-quantised parent as a plain folder: the eval's reference
     python -m modeling_llamaflex parent "$PARENT" --out "$RUN/parent"
   fi

@@ -7,7 +7,7 @@ search, on a grid of budgets, scored by held-out loss (issue 11, bench/QUALITY.m
 Both families come from the same parent and calibration blocks (training text). "size rule" is what
 `from_llama` did before: activation importance, and the largest exportable combination within ±5% of each
 budget. "quality" is today's default: `--importance` scorers, and the candidates ranked by measured KL to the
-parent on `--score` blocks (`modeling_llamaflex.search`), scored for every budget of the grid. Each sub-model
+parent on the last `--score` calibration blocks (`modeling_llamaflex.search`), scored for every budget of the grid. Each sub-model
 is run sliced on held-out blocks (the validation plays) and its mean next-token loss is reported with the
 standard error over blocks of its difference to the parent's loss (paired: the same blocks).
 """
@@ -30,6 +30,9 @@ from modeling_llamaflex.architecture import smallest_budget
 from modeling_llamaflex.elastic import Policy
 
 from bench.common import load_parent_and_blocks, text_blocks  # noqa: F401
+
+
+OLD_IMPORTANCE = {"hidden": "activation", "heads": "activation", "mlp": "activation", "depth": "block_influence"}
 
 
 @torch.no_grad()
@@ -65,7 +68,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parent", default="smollm2-135m")
     p.add_argument("--calibration", default="32x256", help="importance calibration blocks NxT (training text)")
-    p.add_argument("--score", default="8x256", help="blocks NxT the candidates are scored on (training text)")
+    p.add_argument("--score", default="8x256", help="the last N calibration blocks score the candidates (N of NxT)")
     p.add_argument("--eval", default="16x256", help="held-out blocks NxT (validation text)")
     p.add_argument("--importance", default=None, help="scorer name or JSON {axis: name} (default: the library's)")
     p.add_argument("--grid", type=int, default=20, help="budgets from the smallest reachable to 1")
@@ -76,14 +79,14 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     start = time.time()
     parent, calib, held_out, info = load_parent_and_blocks(args.parent, args.calibration, args.eval)
-    score = calib[-int(args.score.split("x")[0]):] if args.score else calib
+    score = calib[-int(args.score.split("x")[0]):] if args.score else calib  # the last N calibration blocks
     parent_losses = block_losses(parent, held_out, args.batch_size)
     importance = json.loads(args.importance) if args.importance and args.importance.startswith("{") else args.importance
     result = {"parent": info, "args": vars(args), "parent_loss": float(parent_losses.mean()), "families": {}}
     print(f"parent {args.parent}: held-out loss {result['parent_loss']:.4f}")
 
     t0 = time.time()
-    old = LlamaFlexForCausalLM.from_llama(parent, calib, importance="activation", top_k=0, progress=False)
+    old = LlamaFlexForCausalLM.from_llama(parent, calib, importance=OLD_IMPORTANCE, top_k=0, progress=False)
     grid = torch.linspace(smallest_budget(old.config), 1.0, args.grid).tolist()
     result["grid"] = grid
     print("size rule (activation importance, largest within tolerance):")
