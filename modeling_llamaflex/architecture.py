@@ -184,7 +184,8 @@ def architecture_for_logits(
         indices, note = search_architecture(config, budget)
         return make_architecture(config, indices, note=f"one-shot (untrained routers): {note}", **info)
     arch = make_architecture(config, {a: int(logits[a].argmax()) for a in AXES}, note="router", **info)
-    if abs(arch.num_parameters / target - 1) <= config.budget_tolerance and exportable(config, arch.hidden, arch.heads):
+    exact = budget * config.parent_parameters()  # not `target`: a tiny budget rounds it to 0
+    if abs(arch.num_parameters / exact - 1) <= config.budget_tolerance and exportable(config, arch.hidden, arch.heads):
         return arch
     scores = {a: torch.log_softmax(logits[a].detach().float(), -1).cpu() for a in AXES}
     indices, note = search_architecture(config, budget, scores)

@@ -47,36 +47,62 @@ def default_choices(config: LlamaConfig) -> dict[str, list[int]]:
     }
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT])\s*$")
+_UNITS = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 
 def parse_budget(budget: float | int | str, parent_parameters: int) -> float:
     """A budget as a fraction of the parent's non-embedding parameters.
 
-    Accepts a number in (0, 1], or an absolute size as a string such as "3B", "350M" or "0.5".
+    Accepts a fraction in (0, 1] (a number, or a string that reads as one: "0.5" is 0.5), or an absolute size
+    with a unit, such as "3B", "350M" or "150K", up to the parent's own size.
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
         raise TypeError(
             f"budget must be a number in (0, 1] or a size such as '3B' or '350M', got {budget!r} "
             f"({type(budget).__name__})"
         )
+    given = budget
     if isinstance(budget, str):
         match = _SIZE.match(budget)
-        if match is None:
-            raise ValueError(
-                f"budget {budget!r} is not a number: give a fraction in (0, 1] of the parent's "
-                f"{parent_parameters:,} non-embedding parameters, or a size such as '3B' or '350M'"
-            )
-        value, unit = float(match.group(1)), match.group(2).lower()
-        budget = value if unit == "" and value <= 1 else value * _UNITS[unit] / parent_parameters
+        if match is not None:  # a size: the number of parameters to keep
+            count = float(match.group(1)) * _UNITS[match.group(2).lower()]
+            if count > parent_parameters:
+                raise ValueError(
+                    f"budget {given!r} asks for {count:,.0f} parameters, more than the parent's "
+                    f"{parent_parameters:,} non-embedding parameters (a fraction of {count / parent_parameters:.4g}, "
+                    f"outside (0, 1]): give a size up to {parent_parameters:,}, or a fraction in (0, 1]"
+                )
+            budget = count / parent_parameters
+        else:
+            try:  # a plain number in a string reads as that number: a fraction
+                budget = float(budget.strip())
+            except ValueError:
+                raise ValueError(
+                    f"budget {given!r} is not a number: give a fraction in (0, 1] of the parent's "
+                    f"{parent_parameters:,} non-embedding parameters, or a size with a unit such as '3B' or '350M'"
+                ) from None
     budget = float(budget)
-    if not (0.0 < budget <= 1.0) or math.isnan(budget):
+    if budget > 1.0 and math.isfinite(budget):
         raise ValueError(
-            f"budget {budget!r} is outside (0, 1]: it is the fraction of the parent's "
+            f"budget {given!r} is outside (0, 1]: a number is the fraction of the parent's {parent_parameters:,} "
+            f"non-embedding parameters to keep; for a size, give a unit, such as '{_example_size(parent_parameters)}'"
+        )
+    if not (0.0 < budget <= 1.0):  # (NaN fails this too)
+        raise ValueError(
+            f"budget {given!r} is outside (0, 1]: it is the fraction of the parent's "
             f"{parent_parameters:,} non-embedding parameters to keep"
         )
     return budget
+
+
+def _example_size(parameters: int) -> str:
+    """Half of `parameters` written with a unit ("150M"), for error messages."""
+    half = parameters / 2
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if half >= scale:
+            return f"{half / scale:.3g}{unit}"
+    return "150M"
 
 
 @strict

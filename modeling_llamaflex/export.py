@@ -175,10 +175,32 @@ def resolve_load_budget(cls, path, budget, kwargs: dict):
         config.budget = budget
     budget = config.budget
     if budget is not None and not config.elastic:
+        _refuse_other_budget(path, budget, hub)
         return config, None  # a checkpoint already holding one sub-model: load it as is
     if budget is not None:
         parse_budget(budget, config.parent_parameters())  # clear errors before any weights are read
     return config, budget
+
+
+def _same_budget(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).strip().lower() == str(b).strip().lower()
+
+
+def _refuse_other_budget(path, budget, hub: dict) -> None:
+    """A folder holding one sub-model loads only at its own budget (the Auto classes put `budget=` in the config)."""
+    try:
+        saved = PreTrainedConfig.get_config_dict(path, **hub)[0].get("budget")
+    except OSError:
+        return  # no config.json of its own to compare with (a config given explicitly)
+    if not _same_budget(budget, saved):
+        raise ValueError(
+            f"{path} holds one sub-model only, that of budget {saved!r} (saved after loading at a budget), so it "
+            f"cannot be loaded at budget {budget!r}. Load it without a budget (or at {saved!r}), or load the elastic "
+            "checkpoint it came from at the budget you want"
+        )
 
 
 def safetensors_files(path, kwargs: dict | None = None) -> dict[str, str]:
@@ -220,11 +242,32 @@ class SafetensorsReader:
     def _entry(self, name: str) -> tuple[str, int, dict]:
         file = self.files[name]
         if file not in self._headers:
-            with open(file, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                self._headers[file] = (8 + size, json.loads(fh.read(size)))
+            self._headers[file] = self._read_header(file)
         start, header = self._headers[file]
         return file, start, header[name]
+
+    @staticmethod
+    def _read_header(file: str) -> tuple[int, dict]:
+        """The data offset and header of `file`, refusing a file shorter than its header says (a damaged shard)."""
+        with open(file, "rb") as fh:
+            file_size = os.fstat(fh.fileno()).st_size
+            size = int.from_bytes(fh.read(8), "little")
+            try:
+                if 8 + size > file_size:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(size))
+            except ValueError as err:
+                raise OSError(
+                    f"{file} is not a readable safetensors file ({err}): it is damaged or truncated; re-download or "
+                    "re-save the checkpoint"
+                ) from None
+        data = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+        if 8 + size + data > file_size:
+            raise OSError(
+                f"{file} is truncated: its header describes {8 + size + data:,} bytes but the file holds "
+                f"{file_size:,}; re-download or re-save the checkpoint"
+            )
+        return 8 + size, header
 
     def __call__(self, name: str, rows: Ranges, cols: Ranges) -> torch.Tensor:
         file, start, entry = self._entry(name)
@@ -247,7 +290,8 @@ class SafetensorsReader:
                     n = min(chunk_rows, b - r)
                     raw = self._buffer[: n * row_numel * item]
                     fh.seek(offset + r * row_numel * item)
-                    fh.readinto(memoryview(raw.numpy()))
+                    if fh.readinto(memoryview(raw.numpy())) != raw.numel():  # never keep an earlier read's bytes
+                        raise OSError(f"{file} ended inside tensor {name}: the file is truncated; re-download or re-save it")
                     block = raw.view(dtype).reshape(n, *shape[1:])
                     if cols is None:
                         out[done : done + n] = block
@@ -284,6 +328,11 @@ def router_architectures(path, config: LlamaFlexConfig, budgets, reader: Safeten
     return out
 
 
+def _names(keys: list[str], prefix: str = "model.modulation.", shown: int = 6) -> str:
+    names = ", ".join(prefix + k for k in keys[:shown])
+    return names + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
 def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
     """A model holding only the sub-model of `budget`, read slice by slice from the checkpoint."""
     reader = SafetensorsReader(safetensors_files(path, kwargs))
@@ -291,7 +340,13 @@ def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
     gains = None
     if config.use_modulation and not is_full(config, arch.indices):
         modulation = PolicyModulation(config)
-        modulation.load_state_dict(reader.module_state("model.modulation."), strict=False)
+        missing, _ = modulation.load_state_dict(reader.module_state("model.modulation."), strict=False)
+        if missing:  # a fresh PolicyModulation holds random gains: never fold those in
+            raise ValueError(
+                f"{path} does not hold the modulation weights this config needs (use_modulation=True): missing "
+                f"{_names(missing)}. Load a complete checkpoint, or set use_modulation=False in its config if it "
+                "was trained without modulation"
+            )
         with torch.no_grad():
             gains = modulation(Policy.one_hot(config, arch.indices).probs)
     tensors = sub_model_tensors(config, arch, reader, gains)

@@ -307,8 +307,8 @@ def layer_scores(stats: CalibrationStatistics) -> torch.Tensor:
 
 SCORERS = {
     "hidden": ("activation", "taylor"),
-    "heads": ("activation", "taylor"),
-    "mlp": ("activation", "taylor"),
+    "heads": ("activation", "taylor", "activation_weight"),
+    "mlp": ("activation", "taylor", "activation_weight"),
     "depth": ("block_influence", "taylor", "drop_kl"),
 }
 # Chosen by measurement on SmolLM2-135M (bench/importance.py; the drop-cost tables are in bench/QUALITY.md): the
@@ -342,8 +342,9 @@ def score_units(model, data, importance: str | dict | None = None, batch_size: i
     scorers = resolve_scorers(importance)
     needed = set(scorers.values())
     stats = {}
-    if needed & {"activation", "block_influence"}:
-        stats["activation"] = stats["block_influence"] = collect_statistics(model, data, batch_size, progress)
+    if needed & {"activation", "block_influence", "activation_weight"}:
+        stats["activation"] = stats["block_influence"] = stats["activation_weight"] = collect_statistics(
+            model, data, batch_size, progress)
     if "taylor" in needed:
         stats["taylor"] = collect_taylor_statistics(model, data, batch_size, progress)
     scores = {
@@ -351,11 +352,32 @@ def score_units(model, data, importance: str | dict | None = None, batch_size: i
         "heads": head_scores(stats[scorers["heads"]]),
         "mlp": mlp_scores(stats[scorers["mlp"]]),
     }
+    if scorers["mlp"] == "activation_weight" or scorers["heads"] == "activation_weight":
+        out_norms = output_weight_norms(model)
+        if scorers["mlp"] == "activation_weight":
+            scores["mlp"] = scores["mlp"] * out_norms["mlp"]
+        if scorers["heads"] == "activation_weight":
+            scores["heads"] = scores["heads"] * out_norms["heads"]
     if scorers["depth"] == "drop_kl":
         scores["depth"] = layer_drop_kl(model, data, batch_size, progress)  # a larger change: more important
     else:
         scores["depth"] = layer_scores(stats[scorers["depth"]])
     return scores
+
+
+@torch.no_grad()
+def output_weight_norms(model) -> dict[str, torch.Tensor]:
+    """Per unit, the L2 norm of the weights that write it back to the residual stream (down_proj's column of an
+    MLP neuron, o_proj's columns of a head): times the unit's mean activation, the size of what it contributes
+    (the `activation_weight` scorer, as Wanda weighs weights by their input's norm)."""
+    config = model.config
+    n_q, d = config.num_attention_heads, config.head_dim
+    mlp, heads = [], []
+    for layer in model.model.layers:
+        mlp.append(layer.mlp.down_proj.weight.float().norm(dim=0).double().cpu())
+        o = layer.self_attn.o_proj.weight.float()
+        heads.append(o.reshape(o.shape[0], n_q, d).pow(2).sum((0, 2)).sqrt().double().cpu())
+    return {"mlp": torch.stack(mlp), "heads": torch.stack(heads)}
 
 
 def rank(scores: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,19 @@ class LlamaFlexMLP(nn.Module):
         return self.down_proj(inner, hidden)
 
 
+class _GroupsView:
+    """The attention module as the attention functions see it, with the GQA ratio of one sliced forward."""
+
+    __slots__ = ("_module", "num_key_value_groups")
+
+    def __init__(self, module: nn.Module, groups: int):
+        self._module = module
+        self.num_key_value_groups = groups
+
+    def __getattr__(self, name):  # everything else (training, config, is_causal, layer_idx...) from the module
+        return getattr(self._module, name)
+
+
 class LlamaFlexAttention(nn.Module):
     """Llama attention whose query heads are kept as a prefix within every KV group."""
 
@@ -105,11 +118,13 @@ class LlamaFlexAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx if cache_idx is None else cache_idx)
 
-        # the attention functions read the GQA ratio off the module
-        self.num_key_value_groups = heads // self.num_kv_heads
+        # the attention functions read the GQA ratio off the module: a sub-model's goes in a per-call view,
+        # never into the module itself (forwards at different budgets may run at once, in threads)
+        groups = heads // self.num_kv_heads
+        module = self if groups == self.num_key_value_groups else _GroupsView(self, groups)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, _ = attention(
-            self,
+            module,
             query,
             key,
             value,

@@ -64,7 +64,9 @@ def test_non_llama_parent_is_refused():
 def test_parse_budget():
     assert parse_budget(0.5, 1000) == 0.5
     assert parse_budget("0.25", 1000) == 0.25
-    assert parse_budget("500", 1000) == 0.5
+    assert parse_budget("500K", 1_000_000) == 0.5
+    with pytest.raises(ValueError, match=r"budget '500' is outside \(0, 1\].*give a unit"):
+        parse_budget("500", 1000)  # a plain number in a string is a fraction, as the number 500 is
     assert parse_budget("3B", 6_000_000_000) == 0.5
     assert parse_budget("350M", 700_000_000) == 0.5
     with pytest.raises(ValueError, match="not a number"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex import parents
@@ -206,6 +206,20 @@ def test_cli_convert_from_a_gguf(tmp_path, gguf_path, source_model, tokenizer, i
 
     main(["convert", "--parent", gguf_path, "--out", str(tmp_path / "plain")])  # no calibration: tokenizer too
     assert (tmp_path / "plain" / "tokenizer.json").is_file()
+
+
+def test_cli_parent_saves_a_plain_llama_folder(tmp_path, gguf_path, source_model, ids, capsys):
+    main(["parent", gguf_path, "--out", str(tmp_path / "parent")])
+    assert "plain LlamaForCausalLM" in capsys.readouterr().out
+    config = json.loads((tmp_path / "parent" / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "parent")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, source_model(ids).logits, atol=ATOL, rtol=0)
+    assert (tmp_path / "parent" / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit):  # never overwrites a checkpoint without --overwrite
+        main(["parent", gguf_path, "--out", str(tmp_path / "parent")])
+    assert "already holds a checkpoint" in capsys.readouterr().err
 
 
 def test_cli_convert_as_a_subprocess(tmp_path, gguf_path):

@@ -127,3 +127,8 @@ class FlexTrainingArguments(FlexArguments, TrainingArguments):
     report_to: None | str | list[str] = field(
         default="tensorboard", metadata={"help": "Where logs go (TensorBoard by default; 'none' for the console only)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that already holds a run (its model, sub-models, summary and "
+                          "checkpoints are replaced). Without it (or --resume_from_checkpoint) such a folder is refused."},
+    )

@@ -7,8 +7,11 @@
 A config file (YAML or JSON) comes first; any `--flag value` after it overrides it. Steps:
 
 1. `--parent`: a plain Llama is converted on the main process (importance ranking on `calibration_samples`
-   training blocks) and saved to `<output_dir>/converted`; a LlamaFlex checkpoint is used as is; none at all
-   gives a tiny random Llama (smoke tests). The parent also serves as the frozen distillation teacher.
+   training blocks) and saved to `<output_dir>/converted`, with the settings it was made with (`conversion.json`:
+   parent, elastic options, importance and scoring); a later run reuses it only with the same settings, and
+   reconverts otherwise. A LlamaFlex checkpoint is used as is; none at all gives a tiny random Llama (smoke tests).
+   The parent also serves as the frozen distillation teacher. An output_dir holding a finished run is refused
+   unless `--overwrite_output_dir` or `--resume_from_checkpoint` is given.
 2. `FlexTrainer` trains weights, routers and modulation; `--resume_from_checkpoint` continues a run. With
    `--lora_r 16` (and `--lora_target_modules ...`) the weights stay frozen and LoRA adapters train instead,
    sliced with the weights at every budget (modeling_llamaflex/lora.py).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -134,6 +138,39 @@ def without_zero3(function, *args, **kwargs):
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+CONVERSION_FILE = "conversion.json"  # in <output_dir>/converted: the settings it was converted with
+
+
+def conversion_settings(model_args: ModelArguments, source) -> dict:
+    """What a conversion depends on: the parent, the elastic options, the importance and scoring settings."""
+    importance = model_args.importance
+    if importance and importance.lstrip().startswith("{"):
+        importance = json.loads(importance)
+    settings = {
+        "parent": os.path.abspath(source.file) if source is not None and os.path.exists(source.file) else (
+            str(source) if source is not None else None),  # None: a tiny random Llama
+        "elastic": json.loads(model_args.elastic) if model_args.elastic else {},
+        "calibration_samples": model_args.calibration_samples,
+        "importance": importance,
+        "score_samples": model_args.score_samples,
+        "top_k": model_args.top_k if model_args.score_samples else 0,
+    }
+    return json.loads(json.dumps(settings))  # as it reads back from the file
+
+
+def stale_conversion(flex_path: str, settings: dict) -> str:
+    """'' when `flex_path` holds no conversion or one made with `settings`; else what differs, in words."""
+    if not os.path.exists(os.path.join(flex_path, "config.json")):
+        return ""
+    try:
+        with open(os.path.join(flex_path, CONVERSION_FILE)) as fh:
+            recorded = json.load(fh)
+    except (OSError, ValueError):
+        return f"it records no settings ({CONVERSION_FILE} missing or unreadable)"
+    return "; ".join(f"{key}: {recorded.get(key)!r} then, {value!r} now"
+                     for key, value in settings.items() if recorded.get(key) != value)
+
+
 def prepare_model(model_args: ModelArguments, training_args, tokenizer, train_dataset):
     """Convert (main process only) or load the LlamaFlex model; returns (flex, teacher path or model)."""
     dtype = getattr(torch, model_args.dtype)
@@ -144,8 +181,19 @@ def prepare_model(model_args: ModelArguments, training_args, tokenizer, train_da
         flex_path = parent_path
     else:
         flex_path = os.path.join(training_args.output_dir, "converted")
+        settings = conversion_settings(model_args, source)
+        stale = stale_conversion(flex_path, settings)
+        if stale and training_args.resume_from_checkpoint:
+            raise ValueError(
+                f"{flex_path} was converted with other settings ({stale}), so the checkpoint to resume from belongs to "
+                "that conversion: resume with the settings it was converted with, or start a new run without "
+                "--resume_from_checkpoint (that reconverts)"
+            )
         with training_args.main_process_first(desc="converting the parent"):
-            if training_args.process_index == 0 and not os.path.exists(os.path.join(flex_path, "config.json")):
+            if training_args.process_index == 0 and (stale or not os.path.exists(os.path.join(flex_path, "config.json"))):
+                if stale:
+                    logger.warning("%s was converted with other settings (%s): reconverting", flex_path, stale)
+                    shutil.rmtree(flex_path)
                 parent = (
                     without_zero3(load_parent_model, source, dtype=torch.float32)
                     if source is not None else tiny_parent(len(tokenizer), tokenizer)
@@ -162,6 +210,8 @@ def prepare_model(model_args: ModelArguments, training_args, tokenizer, train_da
                                      score_data=scoring, top_k=model_args.top_k if model_args.score_samples else 0,
                                      **elastic)
                 flex.save_pretrained(flex_path)
+                with open(os.path.join(flex_path, CONVERSION_FILE), "w") as fh:
+                    json.dump(settings, fh, indent=2)
                 if parent_path is None:
                     parent.save_pretrained(os.path.join(training_args.output_dir, "parent"))
                 logger.info("converted parent saved to %s; choices %s", flex_path, flex.config.choices)
@@ -175,8 +225,34 @@ def prepare_model(model_args: ModelArguments, training_args, tokenizer, train_da
     return flex, flex_path, teacher
 
 
+def earlier_run(output_dir: str) -> list[str]:
+    """What `output_dir` holds of a finished run (its model, sub-models, summary) that training into it would replace.
+
+    A folder with only `converted/`, `parent/` or the checkpoints of an interrupted run is not a finished run.
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(os.listdir(output_dir))
+    return [n for n in names if n in ("training_summary.json", "config.json", "sub-models", "adapter")
+            or n.startswith(("model.safetensors", "model-", "pytorch_model"))]
+
+
+def check_output_dir(training_args) -> None:
+    """Refuse to train over an earlier run unless told to (--overwrite_output_dir) or resuming it."""
+    if training_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+        return
+    found = earlier_run(training_args.output_dir)
+    if found:
+        raise ValueError(
+            f"output_dir {training_args.output_dir} already holds a run ({', '.join(found)}): training into it would "
+            "replace its model, sub-models and summary and rotate its checkpoints away. Give another --output_dir, "
+            "--resume_from_checkpoint to continue that run, or --overwrite_output_dir to replace it"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse(argv)
+    check_output_dir(training_args)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_seed(training_args.seed)
