@@ -268,40 +268,58 @@ def neighbours_markdown(results: dict) -> str:
     return "\n" + "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
-    """Average accuracy vs non-embedding parameters; full model (and parent) as horizontal reference lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _panel(ax, rows: list[dict], value, error, ylabel: str, title: str) -> None:
+    """One metric against non-embedding parameters: the family as a line with error bars, references as lines."""
     from matplotlib.ticker import FuncFormatter
 
-    rows = [r for r in results["sub_models"] if r["average"] is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    rows = [r for r in rows if value(r) is not None]
     family = sorted((r for r in rows if r["kind"] in ("explicit", "interpolated")),
                     key=lambda r: r["non_embedding_parameters"])
     if family:
-        ax.plot([r["non_embedding_parameters"] for r in family], [100 * r["average"] for r in family],
-                color="0.7", zorder=1)
+        ax.plot([r["non_embedding_parameters"] for r in family], [value(r) for r in family], color="0.7", zorder=1)
     for kind, marker, fill in (("explicit", "o", "C0"), ("interpolated", "D", "none")):
         pts = [r for r in family if r["kind"] == kind]
         if pts:
-            ax.scatter([r["non_embedding_parameters"] for r in pts], [100 * r["average"] for r in pts], marker=marker,
+            ax.errorbar([r["non_embedding_parameters"] for r in pts], [value(r) for r in pts],
+                        yerr=[error(r) or 0.0 for r in pts], fmt="none", ecolor="C0", alpha=0.5, zorder=1)
+            ax.scatter([r["non_embedding_parameters"] for r in pts], [value(r) for r in pts], marker=marker,
                        s=45, facecolors=fill, edgecolors="C0", zorder=2, label=f"{kind} budgets")
         for r in pts:
-            ax.annotate(f"{r['budget']:g}", (r["non_embedding_parameters"], 100 * r["average"]),
+            ax.annotate(f"{r['budget']:g}", (r["non_embedding_parameters"], value(r)),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
     references = (("full", "--", "C3", "full model (budget 1)"), ("parent", ":", "C2", "parent (plain Llama)"))
     for kind, style, color, text in references:
         for r in (r for r in rows if r["kind"] == kind):
-            ax.axhline(100 * r["average"], linestyle=style, color=color, label=f"{text}: {100 * r['average']:.1f}")
+            ax.axhline(value(r), linestyle=style, color=color, label=f"{text}: {value(r):.4g}")
     ax.set_xlabel("non-embedding parameters")
-    ax.set_ylabel("average accuracy (%)")
-    ax.set_title(f"Accuracy vs size ({', '.join(t for t, i in results['tasks'].items() if i['accuracy'])})", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human(int(x))))
     ax.grid(alpha=0.3)
     if rows:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Average accuracy vs non-embedding parameters, and one panel per non-accuracy task (e.g. flex_ppl's
+    per-document loss, with its standard error); full model (and parent) as horizontal reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["sub_models"]
+    others = [t for t, i in results["tasks"].items() if not i["accuracy"]]
+    fig, axes = plt.subplots(1, 1 + len(others), figsize=(6.4 * (1 + len(others)), 4.2), dpi=120, squeeze=False)
+    accuracy = ", ".join(t for t, i in results["tasks"].items() if i["accuracy"])
+    _panel(axes[0][0], rows, lambda r: None if r["average"] is None else 100 * r["average"], lambda r: None,
+           "average accuracy (%)", f"Accuracy vs size ({accuracy})")
+    for ax, task in zip(axes[0][1:], others):
+        metric = results["tasks"][task]["metric"]
+        better = "lower" if results["tasks"][task].get("higher_is_better") is False else "higher"
+        _panel(ax, rows, lambda r, t=task: (r.get("metrics") or {}).get(t),
+               lambda r, t=task: (r.get("stderr") or {}).get(t), f"{metric} ({better} is better)",
+               f"{task} vs size (± standard error)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
