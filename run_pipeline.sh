@@ -32,8 +32,10 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   # shellcheck disable=SC1091
   source .venv/bin/activate
   pip install -q -r requirements.txt
+  pip install -q --no-deps -e .
   printf '   install: %ds\n' $((SECONDS - TOTAL))
 fi
+pip show -q llamaflex >/dev/null 2>&1 || pip install -q --no-deps -e .  # an environment of your own
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ "$FORCE" = 1 ] && rm -rf "$RUN"
 mkdir -p "$RUN"

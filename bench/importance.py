@@ -113,9 +113,11 @@ def main(argv=None) -> dict:
 
 
 def tables(result: dict) -> str:
+    positions = max((len(e["head_positions"]) for e in result["scorers"].values() if "head_positions" in e), default=0)
     lines = [f"Parent held-out loss {result['parent_loss']:.3f} nats/token; calibration {result['calibration']}, "
              f"held-out {result['eval']}.", "", "Head rank position dropped in every KV group (0 = ranked first):", "",
-             "| scorer | " + " | ".join(f"drop pos. {i}" for i in range(3)) + " |", "|---|---:|---:|---:|"]
+             "| scorer | " + " | ".join(f"drop pos. {i}" for i in range(positions)) + " |",
+             "|---|" + "---:|" * positions]
     for name, e in result["scorers"].items():
         if "head_positions" in e:
             lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in e["head_positions"]) + " |")

@@ -23,9 +23,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import torch
 
 from modeling_llamaflex import LlamaFlexForCausalLM
@@ -78,7 +75,6 @@ def speed(args) -> None:
 
 MEASURE = """
 import sys, torch
-sys.path.insert(0, {root!r})
 from transformers import AutoModelForCausalLM
 import modeling_llamaflex
 kind, path = sys.argv[1], sys.argv[2]
@@ -108,7 +104,7 @@ def memory(args) -> None:
         flex.extract(0.5).save_pretrained(os.path.join(tmp, "sub"))
         total = sum(p.numel() for p in flex.parameters())
         del flex
-        script = MEASURE.format(root=ROOT)  # noqa
+        script = MEASURE
         rss = {}
         for kind, path in [("baseline", "-"), ("full", "flex"), ("budget", "flex"), ("extracted", "sub")]:
             out = subprocess.run([sys.executable, "-c", script, kind, os.path.join(tmp, path)], capture_output=True, text=True, check=True)

@@ -12,15 +12,11 @@ routers and modulation.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 STEP = r"""
 import sys, torch
-sys.path.insert(0, {root!r})
 from transformers import LlamaConfig, LlamaForCausalLM
 from modeling_llamaflex import LlamaFlexForCausalLM
 mode, hidden, layers, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -29,9 +25,9 @@ config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=3 * 
                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), head_dim=64)
 model = LlamaFlexForCausalLM.from_llama(LlamaForCausalLM(config))
 if mode == "lora":
-    from peft import LoraConfig, get_peft_model
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                           "gate_proj", "up_proj", "down_proj"], modules_to_save=["router", "modulation"]))
+    from modeling_llamaflex.lora import add_lora
+    model = add_lora(model, r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                     "gate_proj", "up_proj", "down_proj"], modules_to_save=["router", "modulation"])
 params = [p for p in model.parameters() if p.requires_grad]
 trainable = sum(p.numel() for p in params)
 if mode != "build":
@@ -53,7 +49,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
-    script = STEP.format(root=ROOT)
+    script = STEP
     out = {}
     for mode in ("build", "full", "lora"):
         run = subprocess.run([sys.executable, "-c", script, mode, str(args.hidden), str(args.layers), str(args.steps)],

@@ -11,12 +11,8 @@ reported, as a ratio to the plain step: machine noise cancels out of the ratios,
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

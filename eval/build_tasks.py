@@ -269,7 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
 
     if args.corpus_dir is not None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from training.corpus import fetch_shakespeare
 
         files = fetch_shakespeare(args.corpus_dir).held_out_works

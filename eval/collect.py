@@ -37,8 +37,6 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 PREFERRED = {"hellaswag": "acc_norm", "flex_hellaswag": "acc_norm"}
 METRIC_ORDER = ("acc", "acc_norm", "exact_match", "f1", "mc2", "nll_per_byte", "word_perplexity", "perplexity",
                 "bits_per_byte")

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EVAL_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(EVAL_DIR.parent))
 
 PAPER_TASKS = "arc_easy:0,lambada_openai:0,piqa:0,winogrande:0,mmlu:5,hellaswag:10"
 LOCAL_TASKS = "flex_lambada:0,flex_hellaswag:0,flex_ppl:0"

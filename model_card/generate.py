@@ -110,7 +110,6 @@ def parent_record(summary: dict | None) -> dict | None:
     src = (summary or {}).get("parent_source")
     if not isinstance(src, dict):
         return None
-    sys.path.insert(0, str(ROOT))
     from modeling_llamaflex.parents import BUILTIN_PARENTS
 
     name, gguf = src.get("name") or "", src.get("gguf_file")
@@ -151,7 +150,6 @@ def license_metadata(licence: str) -> dict:
 
 def parent_facts(model_dir: Path) -> tuple[dict, str, str]:
     """Parent sizes, its non-embedding parameter count and the smallest reachable budget (config.json only)."""
-    sys.path.insert(0, str(ROOT))
     from modeling_llamaflex import LlamaFlexConfig
     from modeling_llamaflex.architecture import smallest_budget
 
@@ -172,8 +170,7 @@ def build_card(model_dir: Path, results_path: Path, out: Path, plot: Path | None
     if table_path.is_file():
         table = table_path.read_text()
     else:  # results.json without its table: render it the same way collect.py does
-        sys.path.insert(0, str(ROOT / "eval"))
-        from collect import markdown
+        from eval.collect import markdown
 
         table = markdown(results)
     plot = plot or results_path.with_name("accuracy_vs_params.png")

@@ -120,8 +120,8 @@ def cmd_extract(args) -> None:
         print(f"  -> {out} (plain LlamaForCausalLM, loads without remote code)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m modeling_llamaflex", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m modeling_llamaflex") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

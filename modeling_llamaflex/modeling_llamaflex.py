@@ -34,7 +34,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .architecture import Architecture, architecture_for_logits, budget_loss, expected_parameters, is_full
 from .configuration_llamaflex import AXES, LlamaFlexConfig, parse_budget
 from .elastic import ElasticLinear, ElasticRMSNorm, ElasticState, Policy, apply_mask
-from .lora import install_peft_hook
+from .lora import ElasticParent
 from .modulation import AxisModulation, PolicyModulation
 from .router import BudgetRouter, gumbel_softmax, routers_trained
 
@@ -47,7 +47,7 @@ class LlamaFlexCausalLMOutput(CausalLMOutputWithPast):
     expected_parameters: torch.Tensor | None = None
 
 
-class LlamaFlexMLP(nn.Module):
+class LlamaFlexMLP(ElasticParent):
     def __init__(self, config: LlamaFlexConfig):
         super().__init__()
         h, f = config.hidden_size, config.intermediate_size
@@ -77,7 +77,7 @@ class _GroupsView:
         return getattr(self._module, name)
 
 
-class LlamaFlexAttention(nn.Module):
+class LlamaFlexAttention(ElasticParent):
     """Llama attention whose query heads are kept as a prefix within every KV group."""
 
     def __init__(self, config: LlamaFlexConfig, layer_idx: int):
@@ -384,7 +384,7 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
         )
 
 
-class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin):
+class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin, ElasticParent):  # ElasticParent: for lm_head
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LlamaFlexConfig):
@@ -473,10 +473,6 @@ class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin):
 
 
 __all__ = ["LlamaFlexForCausalLM", "LlamaFlexModel", "LlamaFlexPreTrainedModel"]
-
-# PEFT's LoRA on ElasticLinear layers slices with them (lora.py); a no-op without peft. Installed here, so that
-# remote-code loading (which imports this file, not the package) gets it too.
-install_peft_hook()
 
 # save_pretrained writes auto_map and copies this package's files, for trust_remote_code=True
 LlamaFlexConfig.register_for_auto_class()

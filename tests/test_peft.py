@@ -12,7 +12,8 @@ from test_training import arguments, dataset
 from torch import nn
 
 from modeling_llamaflex import LlamaFlexForCausalLM, Policy, budget_loss
-from modeling_llamaflex.lora import ElasticLoraLinear, flex_model, register_elastic_lora
+from modeling_llamaflex.lora import ElasticLoraLinear, add_lora, flex_model, load_lora
+from modeling_llamaflex.lora import lora_config as elastic_lora_config
 from training.trainer import FlexTrainer, parameter_group
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -26,23 +27,67 @@ def lora_config(**overrides) -> LoraConfig:
     return LoraConfig(**values)
 
 
+def new_flex():
+    return LlamaFlexForCausalLM.from_llama(tiny_llama(), budgets=[0.5, 0.75]).eval()
+
+
 def flex_with_lora(seed: int = 0, **overrides):
-    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), budgets=[0.5, 0.75]).eval()
+    flex = new_flex()
     torch.manual_seed(seed)
-    return get_peft_model(flex, lora_config(**overrides)).eval()
+    return add_lora(flex, lora_config(**overrides)).eval()
 
 
-def test_plain_get_peft_model_gives_elastic_lora_layers():
+def test_the_helpers_give_elastic_lora_layers_and_plain_peft_is_refused(tmp_path):
     model = flex_with_lora()
     layers = [m for m in model.modules() if isinstance(m, ElasticLoraLinear)]
     assert len(layers) == 4 * len(TARGETS)
-    # PEFT's explicit registration gives the same layers and the same function
-    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), budgets=[0.5, 0.75]).eval()
-    torch.manual_seed(0)
-    registered = get_peft_model(flex, register_elastic_lora(lora_config())).eval()
-    assert sum(isinstance(m, ElasticLoraLinear) for m in registered.modules()) == len(layers)
     ids = torch.randint(3, 128, (1, 6))
-    torch.testing.assert_close(registered(input_ids=ids, budget=0.5).logits, model(input_ids=ids, budget=0.5).logits)
+    expected = model(input_ids=ids, budget=0.5).logits
+    # the config helper (PEFT's custom-module mapping) with PEFT's own entry point: the same layers and function
+    values = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+    flex = new_flex()
+    torch.manual_seed(0)
+    registered = get_peft_model(flex, elastic_lora_config(**values)).eval()
+    assert sum(isinstance(m, ElasticLoraLinear) for m in registered.modules()) == len(layers)
+    torch.testing.assert_close(registered(input_ids=ids, budget=0.5).logits, expected)
+    # loading: load_lora gives the elastic layers back
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = load_lora(new_flex(), tmp_path / "adapter")
+    assert sum(isinstance(m, ElasticLoraLinear) for m in loaded.modules()) == len(layers)
+    torch.testing.assert_close(loaded(input_ids=ids, budget=0.5).logits, expected)
+    # plain PEFT without the mapping would wrap the ElasticLinears in unsliceable layers: refused, naming the helpers
+    with pytest.raises(TypeError, match=r"cannot be sliced.*add_lora.*load_lora.*lora_config"):
+        get_peft_model(new_flex(), lora_config())
+    with pytest.raises(TypeError, match=r"cannot be sliced.*load_lora"):
+        PeftModel.from_pretrained(new_flex(), tmp_path / "adapter")
+    # no process-wide hook: a plain Llama gets PEFT's plain layers
+    assert not getattr(torch.nn.modules.module, "_global_module_registration_hooks", {})
+    plain = get_peft_model(tiny_llama(), lora_config())
+    assert not any(isinstance(m, ElasticLoraLinear) for m in plain.modules())
+
+
+def test_concurrent_lora_forwards_at_different_budgets(input_ids):
+    import threading
+
+    model = flex_with_lora()
+    with torch.no_grad():
+        expected = {b: model(input_ids=input_ids, budget=b).logits for b in (0.3, 0.75)}
+    errors: list[Exception] = []
+
+    def work(b):
+        try:
+            with torch.no_grad():
+                for _ in range(20):
+                    torch.testing.assert_close(model(input_ids=input_ids, budget=b).logits, expected[b])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 def test_sliced_and_masked_logits_equal_the_merged_extracted_llama(input_ids):
@@ -112,7 +157,7 @@ def test_gradients_reach_lora_routers_and_modulation_with_the_base_frozen(input_
 def test_lora_variants_and_non_llamaflex_models_are_refused(tmp_path):
     flex = LlamaFlexForCausalLM.from_llama(tiny_llama())
     with pytest.raises(ValueError, match="only vanilla LoRA"):
-        get_peft_model(flex, lora_config(use_dora=True))
+        add_lora(flex, lora_config(use_dora=True))
     peft_llama = get_peft_model(tiny_llama(), lora_config())
     with pytest.raises(TypeError, match=r"needs a LlamaFlexForCausalLM.*LlamaForCausalLM.*from_llama"):
         flex_model(peft_llama)
@@ -140,7 +185,7 @@ def test_frozen_base_training_saves_a_merged_checkpoint_and_the_adapter(tmp_path
             assert torch.equal(p.detach(), base.get_parameter(plain).detach()), name
     trainer.save_flex_model(str(tmp_path / "saved"))
     merged = LlamaFlexForCausalLM.from_pretrained(tmp_path / "saved").eval()  # plain LlamaFlex, adapter merged in
-    adapted = PeftModel.from_pretrained(base, tmp_path / "saved" / "adapter").eval()  # the adapter on the old base
+    adapted = load_lora(base, tmp_path / "saved" / "adapter").eval()  # the adapter on the old base
     trainer.model.eval()
     for budget in (0.5, 0.75, None):
         expected = trainer.model(input_ids=input_ids, budget=budget).logits

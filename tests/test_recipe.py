@@ -13,7 +13,7 @@ from transformers import HfArgumentParser, LlamaConfig
 from modeling_llamaflex import LlamaFlexConfig, LlamaFlexForCausalLM
 from training.arguments import FlexTrainingArguments
 from training.data import DataArguments
-from training.run import ModelArguments, config_to_argv
+from training.run import ModelArguments, config_to_argv, expand_config
 
 CONFIGS = os.path.join(ROOT, "training", "configs")
 
@@ -32,6 +32,44 @@ def test_cpu_config_parses():
     assert model.parent == "runs/parent" and data.block_size == 256
     assert json.loads(model.elastic)["budgets"] == [0.5, 0.625, 0.75, 0.875]
     assert train.router_learning_rate == 2e-3 and train.max_steps > 0
+
+
+def test_the_config_file_is_found_among_a_launchers_flags():
+    cpu, ds = "training/configs/cpu.yaml", "training/configs/zero3_cpu.json"
+    yaml_flags = config_to_argv(os.path.join(ROOT, cpu))
+    # deepspeed puts --local_rank=N before the script's arguments; --deepspeed's value is not the config
+    assert expand_config(["--local_rank=0", cpu, "--deepspeed", ds]) == yaml_flags + ["--local_rank=0", "--deepspeed", ds]
+    assert expand_config([cpu, "--max_steps", "3"]) == yaml_flags + ["--max_steps", "3"]
+    assert expand_config(["--deepspeed", ds, "--max_steps", "3"]) == ["--deepspeed", ds, "--max_steps", "3"]
+    assert expand_config(["--lora_target_modules", "q_proj", "v_proj", cpu]) == yaml_flags + ["--lora_target_modules", "q_proj", "v_proj"]
+
+
+def test_parse_under_the_deepspeed_launcher(tmp_path):
+    """README's `deepspeed --num_gpus 2 training/run.py training/configs/cpu.yaml --deepspeed ...`: the argv one
+    rank's run.py gets. In a subprocess: a DeepSpeed parse sets up process-wide state (gloo, the HF DeepSpeed config)."""
+    pytest.importorskip("deepspeed")
+    import socket
+    import subprocess
+    import sys
+
+    script = (
+        "import json; from training.run import parse\n"
+        "m, d, t = parse(['--local_rank=0', 'training/configs/cpu.yaml', '--deepspeed', 'training/configs/zero3_cpu.json',"
+        f" '--output_dir', {str(tmp_path / 'out')!r}])\n"
+        "print(json.dumps({'parent': m.parent, 'block_size': d.block_size, 'max_steps': t.max_steps,"
+        " 'router_learning_rate': t.router_learning_rate, 'deepspeed': t.deepspeed, 'local_rank': t.local_rank}))\n"
+    )
+    with socket.socket() as sock:  # a free port for the one-process gloo group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, MASTER_PORT=str(port))
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    model, data, train = parse("cpu.yaml")
+    assert got == {"parent": model.parent, "block_size": data.block_size, "max_steps": train.max_steps,
+                   "router_learning_rate": train.router_learning_rate, "deepspeed": "training/configs/zero3_cpu.json",
+                   "local_rank": 0}
 
 
 def test_llama31_8b_recipe_is_the_papers():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.utils import is_peft_available
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -99,20 +100,19 @@ class FlexArguments:
             raise ValueError("lora_r > 0 needs lora_target_modules (e.g. q_proj v_proj)")
 
     def lora_config(self, model_config=None):
-        """The `peft.LoraConfig` of these arguments (None when lora_r is 0).
+        """The `peft.LoraConfig` of these arguments (None when lora_r is 0), with the elastic LoRA mapping.
 
         Routers and modulation train alongside the adapters (`modules_to_save`), so the saved adapter
         holds everything the run changed.
         """
         if not self.lora_r:
             return None
-        try:
-            from peft import LoraConfig
-        except ImportError as err:
-            raise ImportError(f"lora_r={self.lora_r} needs peft (pip install peft); lora_r=0 trains the weights") from err
+        if not is_peft_available():
+            raise ImportError(f"lora_r={self.lora_r} needs peft (pip install peft); lora_r=0 trains the weights")
+        from modeling_llamaflex.lora import lora_config
 
         keep = ["router"] + (["modulation"] if model_config is None or getattr(model_config, "use_modulation", True) else [])
-        return LoraConfig(
+        return lora_config(
             r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
             target_modules=list(self.lora_target_modules), modules_to_save=keep, task_type="CAUSAL_LM",
         )

@@ -4,7 +4,8 @@
     deepspeed --num_gpus 8 training/run.py training/configs/llama31_8b.yaml            # GPUs, ZeRO-3
     deepspeed --num_gpus 2 training/run.py training/configs/cpu.yaml --deepspeed training/configs/zero3_cpu.json
 
-A config file (YAML or JSON) comes first; any `--flag value` after it overrides it. Steps:
+A config file (YAML or JSON) comes first (a launcher's own flags, e.g. deepspeed's `--local_rank=N`, may precede
+it); any `--flag value` given overrides it. Steps:
 
 1. `--parent`: a plain Llama is converted on the main process (importance ranking on `calibration_samples`
    training blocks) and saved to `<output_dir>/converted`, with the settings it was made with (`conversion.json`:
@@ -28,9 +29,6 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
-
-if __package__ in (None, ""):  # `python training/run.py` and `deepspeed training/run.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import yaml
@@ -106,10 +104,27 @@ def cpu_deepspeed_setup(argv: list[str]) -> list[str]:
     return argv + ["--accelerator_config", json.dumps({"use_configured_state": True})]
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    """The config file's flags, then every other argument in its order (so they override it).
+
+    The config file is the first argument with a config suffix that is not a flag's value: launchers put
+    their own flags before the script's (`deepspeed` inserts `--local_rank=N`, kept), and `--deepspeed ds.json`
+    is a flag with its value, not the config.
+    """
+    for i, arg in enumerate(argv):
+        if arg.startswith("-") or not arg.endswith(CONFIG_SUFFIXES):
+            continue
+        previous = argv[i - 1] if i else ""
+        if not previous.startswith("-") or "=" in previous:
+            return config_to_argv(arg) + argv[:i] + argv[i + 1 :]
+    return list(argv)
+
+
 def parse(argv: list[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("--"):
-        argv = config_to_argv(argv[0]) + argv[1:]
+    argv = expand_config(list(sys.argv[1:] if argv is None else argv))
     argv = cpu_deepspeed_setup(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, FlexTrainingArguments))
     return parser.parse_args_into_dataclasses(args=argv)

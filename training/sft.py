@@ -29,9 +29,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-if __package__ in (None, ""):  # `python training/sft.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 from datasets import load_dataset
 from transformers import AutoTokenizer, HfArgumentParser, LlamaForCausalLM, set_seed
@@ -40,7 +37,7 @@ from trl import SFTConfig, SFTTrainer
 from modeling_llamaflex import LlamaFlexForCausalLM
 from training.arguments import FlexArguments
 from training.chat_data import CHAT_TEMPLATE, build_chat_data
-from training.run import config_to_argv, save_sub_models
+from training.run import expand_config, save_sub_models
 from training.trainer import FlexTrainingMixin, add_lora
 
 logger = logging.getLogger("training.sft")
@@ -80,7 +77,7 @@ class FlexSFTTrainer(FlexTrainingMixin, SFTTrainer):
         if isinstance(model, str):
             init_kwargs = dict(args.model_init_kwargs or {}) if isinstance(args, SFTConfig) else {}
             model = LlamaFlexForCausalLM.from_pretrained(model, **init_kwargs)
-        if peft_config is not None:  # ours, not TRL's: the elastic LoRA layers come with any get_peft_model
+        if peft_config is not None:  # ours, not TRL's: add_lora registers the elastic LoRA layers (lora.py)
             model = add_lora(model, peft_config)
         super().__init__(model=model, args=args, teacher_model=teacher_model, **kwargs)
 
@@ -110,9 +107,7 @@ class SFTScriptArguments:
 
 
 def parse(argv: list[str] | None = None) -> tuple[SFTScriptArguments, FlexSFTConfig]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("--"):
-        argv = config_to_argv(argv[0]) + argv[1:]
+    argv = expand_config(list(sys.argv[1:] if argv is None else argv))
     return HfArgumentParser((SFTScriptArguments, FlexSFTConfig)).parse_args_into_dataclasses(args=argv)
 
 

@@ -26,6 +26,7 @@ from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from modeling_llamaflex import parse_budget
+from modeling_llamaflex.lora import add_lora as elastic_add_lora
 from modeling_llamaflex.lora import flex_model, has_peft_layers, merged_state_dict
 from modeling_llamaflex.router import BudgetRouter
 
@@ -79,16 +80,14 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.
 
 
 def add_lora(model, lora_config):
-    """`peft.get_peft_model` for frozen-base elastic training: LoRA adapters sliced with the weights at every
-    budget (modeling_llamaflex/lora.py); routers and modulation train too (`modules_to_save`)."""
+    """`modeling_llamaflex.lora.add_lora` for frozen-base elastic training: LoRA adapters sliced with the weights
+    at every budget; routers and modulation train too when `lora_config` lists them in `modules_to_save`."""
     if is_deepspeed_zero3_enabled():
         raise NotImplementedError(
             "LoRA with DeepSpeed ZeRO-3 is not supported: the adapters are small, use ZeRO-2 or no DeepSpeed (lora_r=0 "
             "trains the full weights under ZeRO-3)"
         )
-    from peft import get_peft_model
-
-    return get_peft_model(model, lora_config)
+    return elastic_add_lora(model, lora_config)
 
 
 @contextlib.contextmanager
