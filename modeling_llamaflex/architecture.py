@@ -114,6 +114,17 @@ def measured_loss(config: LlamaFlexConfig, indices: dict[str, int]) -> float | N
     return (scores.get("scored") or {}).get(index_key(indices))
 
 
+def scored_architectures(config: LlamaFlexConfig) -> list[tuple[dict[str, int], int, float]]:
+    """Every combination measured at conversion: (choice indices, non-embedding parameters, score)."""
+    out = []
+    for key, loss in ((config.architecture_scores or {}).get("scored") or {}).items():
+        idx = dict(zip(AXES, (int(i) for i in key.split(","))))
+        values = {a: config.choices[a][i] for a, i in idx.items()}
+        out.append((idx, int(count_parameters(config, values["hidden"], values["heads"], values["mlp"],
+                                              values["depth"])), loss))
+    return out
+
+
 def predicted_loss(config: LlamaFlexConfig, indices: dict[str, int]) -> float | None:
     """The parent's score plus the measured cost of each axis's cut alone (additive: no interactions)."""
     scores = config.architecture_scores or {}
@@ -124,13 +135,14 @@ def predicted_loss(config: LlamaFlexConfig, indices: dict[str, int]) -> float | 
 
 
 def search_architecture(
-    config: LlamaFlexConfig, budget: float, scores: dict[str, torch.Tensor] | None = None
+    config: LlamaFlexConfig, budget: float, scores: dict[str, torch.Tensor] | None = None, allow_smaller: bool = True
 ) -> tuple[dict[str, int], str]:
     """The best combination within the budget tolerance, by measured quality (DESIGN.md §3.3).
 
     Within tolerance, in this order: the lowest loss measured at conversion (`config.architecture_scores`,
-    Minitron-style: ranked by predicted loss, the top k scored); else the lowest predicted loss (the parent's
-    loss plus each axis's single-cut cost); else, without quality scores, the best router score (`scores`:
+    Minitron-style: ranked by predicted loss, the top k scored; a smaller measured architecture is taken if it
+    scored lower still, unless `allow_smaller` is False, so that a larger budget never gets a worse sub-model
+    than a smaller one); else the lowest predicted loss (the parent's loss plus each axis's single-cut cost); else, without quality scores, the best router score (`scores`:
     log-probabilities), then the larger count, more layers, the wider residual stream. If nothing lies within
     tolerance, the largest combination under it. Returns the choice indices and a note naming the rule.
     """
@@ -141,16 +153,26 @@ def search_architecture(
         return 0.0 if scores is None else round(float(sum(scores[a][i] for a, i in idx.items())), 6)
 
     if within:
+        metric = (config.architecture_scores or {}).get("metric", "loss")
         measured = [(measured_loss(config, idx), -router(idx), i, idx) for i, (idx, _) in enumerate(within)]
         measured = [m for m in measured if m[0] is not None]
         if measured:
-            loss, _, _, idx = min(measured, key=lambda m: m[:3])
-            return idx, (f"lowest measured {config.architecture_scores.get('metric', 'loss')} ({loss:.3f}) of {len(measured)} scored of {len(within)} "
+            # smaller architectures that measured better are allowed too: so that a larger budget is never
+            # worse than a smaller one (its choice is always among a larger budget's options)
+            target = budget * config.parent_parameters()
+            keys = {index_key(idx) for idx, _ in within}
+            smaller = [(loss, 0.0, len(within) + j, idx) for j, (idx, params, loss) in enumerate(scored_architectures(config))
+                       if allow_smaller and params < target * (1 - tol) and index_key(idx) not in keys]
+            loss, _, i, idx = min(measured + smaller, key=lambda m: m[:3])
+            if i >= len(within):
+                return idx, (f"lowest measured {metric} ({loss:.3f}): a smaller architecture scored at conversion "
+                             f"beats the {len(measured)} scored of {len(within)} candidates within ±{tol:g}")
+            return idx, (f"lowest measured {metric} ({loss:.3f}) of {len(measured)} scored of {len(within)} "
                          f"candidates within ±{tol:g}")
         predicted = [(predicted_loss(config, idx), -router(idx), i, idx) for i, (idx, _) in enumerate(within)]
         if predicted[0][0] is not None:
             loss, _, _, idx = min(predicted, key=lambda m: m[:3])
-            return idx, (f"lowest predicted {config.architecture_scores.get('metric', 'loss')} ({loss:.3f}, single-axis costs; none of the {len(within)} "
+            return idx, (f"lowest predicted {metric} ({loss:.3f}, single-axis costs; none of the {len(within)} "
                          f"candidates within ±{tol:g} was measured)")
         best = max(enumerate(within), key=lambda iv: (router(iv[1][0]), -iv[0]))[1][0]
         rule = "best router score" if scores is not None else "largest (no quality scores)"

@@ -134,7 +134,8 @@ def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress:
 
         data = calibration_data if score_data is None else score_data
         config.architecture_scores = score_architectures(flex, data, score_budgets, top_k, batch_size, progress)
-        family = {b: search_architecture(config, b)[0] for b in config.budgets if b < 1}
+        # the routers are trained to hold each budget within tolerance: they start from the best within it
+        family = {b: search_architecture(config, b, allow_smaller=False)[0] for b in config.budgets if b < 1}
         matched = fit_routers(flex, family)
         if not all(matched.values()):
             logger.warning("routers could not be fitted to the one-shot family at budgets %s",

@@ -8,7 +8,8 @@ from conftest import tiny_llama
 from transformers import LlamaConfig
 
 from modeling_llamaflex import LlamaFlexConfig, LlamaFlexForCausalLM
-from modeling_llamaflex.architecture import candidates, count_parameters, make_architecture, search_architecture
+from modeling_llamaflex.architecture import (candidates, count_parameters, make_architecture, scored_architectures,
+                                             search_architecture)
 from modeling_llamaflex.configuration_llamaflex import AXES
 from modeling_llamaflex.export import sub_model_sizes
 
@@ -53,23 +54,31 @@ def test_scores_travel_with_the_checkpoint(tmp_path):
 
 
 def test_quality_search_picks_the_lowest_measured_loss():
-    """The chosen candidate has the lowest measured loss among those scored within tolerance."""
-    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), calibration(), progress=False, top_k=50)
+    """The chosen candidate has the lowest measured loss among those scored within tolerance or below it, and
+    over a grid of budgets a larger budget never gets a higher score (the family is monotone)."""
+    grid = torch.linspace(0.3, 0.95, 14).tolist()
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), calibration(), progress=False, top_k=50, score_budgets=grid)
     config = flex.config
     scored = config.architecture_scores["scored"]
-    for budget in config.architecture_scores["budgets"]:
+    parent = config.parent_parameters()
+    chosen_scores = []
+    for budget in grid:
         chosen, note = search_architecture(config, budget)
-        losses = [scored[",".join(str(i[a]) for a in AXES)] for i, _ in candidates(config, budget)]
-        best = min(losses)
-        assert scored[",".join(str(chosen[a]) for a in AXES)] == best, (budget, note)
+        key = ",".join(str(chosen[a]) for a in AXES)
+        allowed = [loss for idx, params, loss in scored_architectures(config)
+                   if params <= budget * parent * (1 + config.budget_tolerance)]
+        assert scored[key] == min(allowed), (budget, note)
+        chosen_scores.append(scored[key])
+    assert all(b <= a for a, b in zip(chosen_scores, chosen_scores[1:])), chosen_scores
 
 
 def test_untrained_routers_do_not_choose_but_are_fitted_to_the_family():
     flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), calibration(), progress=False)
     config = flex.config
     assert int(flex.model.router.trained_steps) == 0
-    one_shot = {b: flex.architecture(b) for b in config.budgets}
-    assert all(a.note.startswith("one-shot (untrained routers)") for a in one_shot.values())
+    assert all(flex.architecture(b).note.startswith("one-shot (untrained routers)") for b in config.budgets)
+    one_shot = {b: make_architecture(config, search_architecture(config, b, allow_smaller=False)[0])
+                for b in config.budgets}
     flex.model.router.trained_steps.fill_(1)  # as after training: the routers' own argmax now chooses
     for b, arch in one_shot.items():
         routed = flex.architecture(b)
