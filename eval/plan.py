@@ -12,14 +12,18 @@ Budgets evaluated by default (DESIGN.md §6):
 * 1.0, the full model (the reference line), and with ``--parent DIR`` the original plain Llama.
 
 One lm-eval call runs per budget and shot count (lm-eval takes one ``--num_fewshot`` per call). Its results
-go to ``OUTPUT/raw/<label>/<shots>shot/``; a call whose results already hold all its tasks is skipped unless
-``--force``. The plan is written as one line per call: a progress message, a tab, the shell-quoted command.
+go to ``OUTPUT/raw/<label>/<shots>shot/``, and once lm-eval has succeeded the call writes ``fingerprint.json``
+there: what the results depend on (the model arguments and budget, --limit, --seed, each task's YAML and local
+data files by hash, the checkpoint's config.json by hash and its weight files by size and mtime). A call is
+skipped unless ``--force`` only when its results hold all its tasks *and* the folder's fingerprint is the one
+the call would record now; otherwise it reruns, saying what differed. The plan is written as one line per call: a progress message, a tab, the shell-quoted command.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import json
 import shlex
 import sys
@@ -59,6 +63,7 @@ class Run:
     shots: int
     tasks: list[str]
     out_dir: Path
+    fingerprint: dict | None = None  # what its results depend on (recorded in out_dir/fingerprint.json)
 
 
 def budget_label(budget: float) -> str:
@@ -152,10 +157,65 @@ def parse_tasks(spec: str, default_shots: int) -> dict[int, list[str]]:
     return groups
 
 
-def check_tasks(groups: dict[int, list[str]], task_dir: Path | None) -> tuple[dict[int, list[str]], bool]:
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def task_fingerprint(entry) -> dict:
+    """What a task's results depend on: its YAML (by hash), its version, and its local data files (by hash)."""
+    cfg = entry.cfg or {}
+    fp: dict = {"version": (cfg.get("metadata") or {}).get("version")}
+    if entry.yaml_path is not None and Path(entry.yaml_path).is_file():
+        fp["yaml"] = _file_hash(Path(entry.yaml_path))
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+    data = {}
+    for split, path in sorted(files.items()) if isinstance(files, dict) else []:
+        if isinstance(path, str) and Path(path).is_file():
+            data[split] = _file_hash(Path(path))
+    if data:
+        fp["data_files"] = data
+    return fp
+
+
+def checkpoint_fingerprint(model_dir: Path) -> dict:
+    """A checkpoint folder: its config.json by hash, its weight files by size and modification time."""
+    fp: dict = {"path": str(model_dir)}
+    config = model_dir / "config.json"
+    if config.is_file():
+        fp["config.json"] = _file_hash(config)
+    for path in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        stat = path.stat()
+        fp[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return fp
+
+
+FINGERPRINT = "fingerprint.json"
+
+
+def read_fingerprint(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fingerprint_changes(recorded: dict | None, now: dict) -> list[str]:
+    """What differs between a results folder's recorded fingerprint and the one a run would record now."""
+    if recorded is None:
+        return [f"no {FINGERPRINT} (results of an interrupted run or of an earlier version)"]
+    return [key for key in sorted(set(recorded) | set(now)) if recorded.get(key) != now.get(key)]
+
+
+def check_tasks(groups: dict[int, list[str]], task_dir: Path | None,
+                fingerprints: dict | None = None) -> tuple[dict[int, list[str]], bool]:
     """Every name must be in the task folder or in lm-eval's registry; tags expand to their tasks.
 
     Returns the expanded groups and whether every task comes from the task folder (then no hub is needed).
+    With `fingerprints`, fills it with each expanded task's `task_fingerprint`.
     """
     import logging
 
@@ -199,6 +259,8 @@ def check_tasks(groups: dict[int, list[str]], task_dir: Path | None) -> tuple[di
                     if index[m].cfg.get("dataset_path") == "json" and not Path(path).exists():
                         raise PlanError(f"task {m} reads {path}, which does not exist: rebuild the task folder "
                                         "with eval/build_tasks.py")
+                if fingerprints is not None:
+                    fingerprints[m] = task_fingerprint(index[m])
         expanded[shots] = out
     return expanded, all_local
 
@@ -222,12 +284,15 @@ def build_plan(args: argparse.Namespace) -> tuple[list[tuple[Run, str]], Path | 
     budgets = check_budgets(config, args.budgets.split(",")) if args.budgets else default_budgets(config)
     task_dir = (args.task_dir or DEFAULT_TASK_DIR).resolve() if args.local or args.task_dir else None
     spec = args.tasks or (local_tasks(task_dir) if task_dir else PAPER_TASKS)
-    groups, all_local = check_tasks(parse_tasks(spec, args.num_fewshot), task_dir)
+    task_fps: dict = {}
+    groups, all_local = check_tasks(parse_tasks(spec, args.num_fewshot), task_dir, task_fps)
     output = (args.output or model_dir / "eval").resolve()
     common = f"trust_remote_code=True,dtype={args.dtype}"
 
-    models: list[tuple[str, str, float | None, str]] = [
-        (budget_label(b), kind, b, f"pretrained={model_dir},{common},budget={b!r}") for b, kind in budgets.items()
+    flex_fp = checkpoint_fingerprint(model_dir)
+    models: list[tuple[str, str, float | None, str, dict]] = [
+        (budget_label(b), kind, b, f"pretrained={model_dir},{common},budget={b!r}", flex_fp)
+        for b, kind in budgets.items()
     ]
     if args.parent is not None:
         parent = args.parent.resolve()
@@ -236,11 +301,15 @@ def build_plan(args: argparse.Namespace) -> tuple[list[tuple[Run, str]], Path | 
         files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
         has_tokenizer = any((parent / f).is_file() for f in files)
         tokenizer = "" if has_tokenizer else f",tokenizer={model_dir}"
-        models.append(("parent", "parent", None, f"pretrained={parent},dtype={args.dtype}{tokenizer}"))
+        models.append(("parent", "parent", None, f"pretrained={parent},dtype={args.dtype}{tokenizer}",
+                       checkpoint_fingerprint(parent)))
     runs = []
-    for label, kind, b, model_args in models:
+    for label, kind, b, model_args, model_fp in models:
         for shots, tasks in sorted(groups.items()):
-            runs.append((Run(label, kind, b, shots, tasks, output / "raw" / label / f"{shots}shot"), model_args))
+            fingerprint = {"model_args": model_args, "budget": b, "checkpoint": model_fp, "shots": shots,
+                           "limit": args.limit, "seed": args.seed, "tasks": {t: task_fps.get(t) for t in tasks}}
+            run = Run(label, kind, b, shots, tasks, output / "raw" / label / f"{shots}shot", fingerprint)
+            runs.append((run, model_args))
     return runs, task_dir, all_local
 
 
@@ -255,6 +324,15 @@ def command(run: Run, model_args: str, args: argparse.Namespace, task_dir: Path 
     if args.limit is not None:
         cmd += ["--limit", f"{args.limit:g}"]
     return cmd
+
+
+def shell_line(run: Run, model_args: str, args: argparse.Namespace, task_dir: Path | None, offline: bool) -> str:
+    """The lm-eval call, then (only if it succeeded) the writing of the run's fingerprint next to its results."""
+    line = shlex.join(command(run, model_args, args, task_dir, offline))
+    if run.fingerprint is not None:
+        text = json.dumps(run.fingerprint, sort_keys=True)
+        line += f" && printf '%s\\n' {shlex.quote(text)} > {shlex.quote(str(run.out_dir / FINGERPRINT))}"
+    return line
 
 
 def parser() -> argparse.ArgumentParser:
@@ -299,9 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         what = f"budget {run.budget:g} ({run.kind})" if run.budget is not None else "parent (plain Llama)"
         head = f"[{i}/{len(labels)}] {what}, {run.shots}-shot {','.join(run.tasks)}"
         if not args.force and results_cover(run.out_dir, run.tasks):
-            print(f"{head}: results exist in {run.out_dir}, skipping (--force recomputes)", file=sys.stderr)
-            continue
-        lines.append(f"{head}\t{shlex.join(command(run, model_args, args, task_dir, offline))}\n")
+            changes = fingerprint_changes(read_fingerprint(run.out_dir), run.fingerprint)
+            if not changes:
+                print(f"{head}: results exist in {run.out_dir}, skipping (--force recomputes)", file=sys.stderr)
+                continue
+            why = changes[0] if changes[0].startswith("no ") else f"made with another {', '.join(changes)}"
+            print(f"{head}: results in {run.out_dir} are stale ({why}), rerunning", file=sys.stderr)
+        lines.append(f"{head}\t{shell_line(run, model_args, args, task_dir, offline)}\n")
     args.emit.write_text("".join(lines))
     return 0
 

@@ -106,10 +106,17 @@ def cmd_extract(args) -> None:
     from transformers import AutoTokenizer
 
     flex = LlamaFlexForCausalLM.from_pretrained(args.model)
-    for budget in args.budget:
+    outs = {}
+    for budget in args.budget:  # every budget and folder is checked before anything is written
         out = args.out if len(args.budget) == 1 else os.path.join(args.out, f"budget-{budget}")
         if os.path.exists(os.path.join(out, "config.json")) and not args.overwrite:
             raise FileExistsError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
+        try:
+            flex.architecture(budget)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{err} (nothing was written: every --budget is checked first)") from None
+        outs[budget] = out
+    for budget, out in outs.items():
         _print_architecture(flex, budget)
         sub = flex.extract(budget)
         sub.save_pretrained(out)

@@ -211,8 +211,9 @@ def architecture_for_logits(
         return arch
     scores = {a: torch.log_softmax(logits[a].detach().float(), -1).cpu() for a in AXES}
     indices, note = search_architecture(config, budget, scores)
-    return make_architecture(config, indices, note=f"router pick ({arch.num_parameters:,} params) missed the "
-                             f"budget; {note}", **info)
+    pick = f"{arch.hidden}/{arch.heads}/{arch.mlp}/{arch.depth}"
+    return make_architecture(config, indices, note=f"router pick {pick} (hidden/heads/mlp/depth, "
+                             f"{arch.num_parameters:,} params) missed the budget; {note}", **info)
 
 
 def expected_parameters(config: LlamaFlexConfig, probs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -164,7 +164,31 @@ class LlamaFlexConfig(LlamaConfig):
             self.layer_ranking = list(range(self.num_hidden_layers))
         if self.budgets is None:
             self.budgets = [0.5, 0.625, 0.75, 0.875]
-        self.budgets = sorted(float(b) for b in self.budgets)
+        self.budgets = sorted(self._parse_budgets(self.budgets))
+
+    def _parse_budgets(self, budgets) -> list[float]:
+        """`budgets` as fractions: a list of numbers in (0, 1] or of sizes such as '350M' (read by parse_budget)."""
+        if not isinstance(budgets, (list, tuple)):
+            raise ValueError(
+                f"budgets must be a list of budgets (fractions in (0, 1] or sizes such as '350M'), got {budgets!r} "
+                f"({type(budgets).__name__}); for one budget, give [{budgets!r}]"
+            )
+        if not budgets:
+            raise ValueError("budgets is empty: give at least one budget to train on, such as [0.5, 0.75]")
+        parsed = []
+        for i, b in enumerate(budgets):
+            if isinstance(b, bool) or not isinstance(b, (int, float, str)):
+                raise ValueError(
+                    f"budgets[{i}] is {b!r} ({type(b).__name__}): every budget must be a fraction in (0, 1] or a "
+                    f"size such as '350M'"
+                )
+            if isinstance(b, str):
+                try:
+                    b = parse_budget(b, self.parent_parameters())
+                except ValueError as err:
+                    raise ValueError(f"budgets[{i}]: {err}") from None
+            parsed.append(float(b))
+        return parsed
 
     # ---- validation (run by @strict after __post_init__) ----
     def validate_elastic_axes(self):
@@ -177,8 +201,11 @@ class LlamaFlexConfig(LlamaConfig):
         }
         for name, (parent_name, full) in parent.items():
             choices = getattr(self, name)
-            if not choices or any(not isinstance(c, int) or c < 1 for c in choices):
-                raise ValueError(f"{name} must be a non-empty list of positive integers, got {choices}")
+            if not choices or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in choices):
+                raise ValueError(
+                    f"{name} must be a non-empty list of positive integers (True and False are not sizes), "
+                    f"got {choices}"
+                )
             if list(choices) != sorted(set(choices)):
                 raise ValueError(f"{name} must be strictly increasing, got {choices}")
             if choices[-1] != full:
@@ -208,11 +235,29 @@ class LlamaFlexConfig(LlamaConfig):
         bad_budgets = [b for b in self.budgets if not 0.0 < b <= 1.0]
         if bad_budgets:
             raise ValueError(f"budgets {bad_budgets} are outside (0, 1]; budgets are fractions of the parent's size")
+        twice = sorted({b for b in self.budgets if self.budgets.count(b) > 1})
+        if twice:
+            raise ValueError(f"budgets {self.budgets} hold {twice} more than once: give each budget once")
+        if self.elastic:
+            from .architecture import smallest_budget
+
+            low = smallest_budget(self)
+            unreachable = [b for b in self.budgets if b < low]
+            if unreachable:
+                raise ValueError(
+                    f"budgets {unreachable} cannot be reached: the smallest sub-model these choices allow keeps "
+                    f"{low:.4f} of the parent; allowed budgets are [{low:.4f}, 1]"
+                )
         if not 0.0 <= self.budget_tolerance < 1.0:
             raise ValueError(f"budget_tolerance must be in [0, 1), got {self.budget_tolerance}")
         for name in ("router_embed_dim", "router_hidden_dim", "modulation_hidden_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.router_embed_dim % 2:
+            raise ValueError(
+                f"router_embed_dim must be even (the sinusoidal budget embedding has a sine and a cosine per "
+                f"frequency), got {self.router_embed_dim}; use {self.router_embed_dim + 1}, for example"
+            )
         if self.modulation_embed_dim < 2 or self.modulation_embed_dim % 2:
             raise ValueError(f"modulation_embed_dim must be a positive even number, got {self.modulation_embed_dim}")
         if self.budget is not None and self.elastic:

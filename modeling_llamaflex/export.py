@@ -80,6 +80,29 @@ def sub_model_tensors(
     return out
 
 
+def full_shapes(config: LlamaFlexConfig, layers) -> dict[str, tuple[int, ...]]:
+    """The parent-size shape of every tensor a sub-model keeping `layers` reads (`sub_model_tensors`' names)."""
+    d, h, f, v = config.head_dim, config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    specs = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }
+    if config.attention_bias:
+        specs.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+                      "self_attn.o_proj.bias": (h,)})
+    if config.mlp_bias:
+        specs.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (h,)})
+    out = {"model.embed_tokens.weight": (v, h)}
+    out.update({f"model.layers.{layer}.{name}": shape for layer in layers for name, shape in specs.items()})
+    out["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
 def _take(tensor: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
     if ranges is None:
         return tensor
@@ -233,18 +256,49 @@ class SafetensorsReader:
     only the kept columns are copied out, so memory at load is the sub-model plus that buffer.
     """
 
-    def __init__(self, files: dict[str, str], chunk_bytes: int = 16 * 2**20):
+    def __init__(self, files: dict[str, str], chunk_bytes: int = 16 * 2**20, source=None):
         self.files = files
+        self.source = source if source is not None else (os.path.dirname(next(iter(files.values()))) if files else "?")
         self.chunk_bytes = chunk_bytes
         self._buffer: torch.Tensor | None = None
         self._headers: dict[str, tuple[int, dict]] = {}
 
     def _entry(self, name: str) -> tuple[str, int, dict]:
+        if name not in self.files:
+            raise ValueError(
+                f"checkpoint {self.source} has no tensor {name}: it is incomplete or was saved for another "
+                "config; re-save the checkpoint"
+            )
         file = self.files[name]
         if file not in self._headers:
             self._headers[file] = self._read_header(file)
         start, header = self._headers[file]
+        if name not in header:
+            raise ValueError(
+                f"checkpoint {self.source}: its index puts tensor {name} in {os.path.basename(file)}, which does not "
+                "hold it; re-save the checkpoint"
+            )
         return file, start, header[name]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._entry(name)[2]["shape"])
+
+    def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Refuse, before any read, tensors that are missing or whose shape is not the one the config gives."""
+        missing = [n for n in expected if n not in self.files]
+        if missing:
+            raise ValueError(
+                f"checkpoint {self.source} is missing tensor(s) its config needs: {_names(missing, '')}; it is "
+                "incomplete or was saved for another config"
+            )
+        wrong = [(n, self.shape(n), list(shape)) for n, shape in expected.items() if self.shape(n) != list(shape)]
+        if wrong:
+            shown = "; ".join(f"{n} is {got}, the config needs {want}" for n, got, want in wrong[:4])
+            more = f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""
+            raise ValueError(
+                f"checkpoint {self.source} holds tensor(s) of the wrong shape for its config.json: {shown}{more}; "
+                "the weights and the config do not belong together"
+            )
 
     @staticmethod
     def _read_header(file: str) -> tuple[int, dict]:
@@ -309,7 +363,7 @@ class SafetensorsReader:
 
 def router_architectures(path, config: LlamaFlexConfig, budgets, reader: SafetensorsReader | None = None, **kwargs):
     """{budget: Architecture} from the checkpoint's router weights alone (no model weights are read)."""
-    reader = reader or SafetensorsReader(safetensors_files(path, kwargs))
+    reader = reader or SafetensorsReader(safetensors_files(path, kwargs), source=path)
     router_state = reader.module_state("model.router.")
     if not router_state:
         raise ValueError(
@@ -318,7 +372,13 @@ def router_architectures(path, config: LlamaFlexConfig, budgets, reader: Safeten
         )
     router = BudgetRouter(config)
     router_state.setdefault("trained_steps", torch.zeros(1, dtype=torch.long))  # checkpoints from before it
-    router.load_state_dict(router_state)
+    try:
+        router.load_state_dict(router_state)
+    except RuntimeError as err:  # missing or wrong-shaped router weights (torch names them)
+        raise ValueError(
+            f"checkpoint {path}: its router weights (model.router.*) do not fit its config.json: "
+            + " ".join(str(err).split()).removeprefix("Error(s) in loading state_dict for BudgetRouter: ")
+        ) from None
     trained = routers_trained(router)
     out = {}
     with torch.no_grad():
@@ -335,12 +395,19 @@ def _names(keys: list[str], prefix: str = "model.modulation.", shown: int = 6) -
 
 def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
     """A model holding only the sub-model of `budget`, read slice by slice from the checkpoint."""
-    reader = SafetensorsReader(safetensors_files(path, kwargs))
+    reader = SafetensorsReader(safetensors_files(path, kwargs), source=path)
     arch = router_architectures(path, config, [budget], reader)[budget]
+    reader.check_shapes(full_shapes(config, arch.kept_layers))
     gains = None
     if config.use_modulation and not is_full(config, arch.indices):
         modulation = PolicyModulation(config)
-        missing, _ = modulation.load_state_dict(reader.module_state("model.modulation."), strict=False)
+        try:
+            missing, _ = modulation.load_state_dict(reader.module_state("model.modulation."), strict=False)
+        except RuntimeError as err:  # wrong-shaped modulation weights
+            raise ValueError(
+                f"checkpoint {path}: its modulation weights (model.modulation.*) do not fit its config.json: "
+                + " ".join(str(err).split()).removeprefix("Error(s) in loading state_dict for PolicyModulation: ")
+            ) from None
         if missing:  # a fresh PolicyModulation holds random gains: never fold those in
             raise ValueError(
                 f"{path} does not hold the modulation weights this config needs (use_modulation=True): missing "

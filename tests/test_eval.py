@@ -233,6 +233,10 @@ def test_plan_emits_one_call_per_budget_and_skips_finished_ones(checkpoint, task
     done.parent.mkdir(parents=True)
     done.write_text(json.dumps({"results": {"flex_lambada": {"acc,none": 0.5}}}))
     assert plan.main(args) == 0
+    assert len(emit.read_text().splitlines()) == 6  # results without the fingerprint of a finished call: rerun
+    record = lines[0].split("\t", 1)[1].split(" && ", 1)[1]  # what the call runs once lm-eval has succeeded
+    subprocess.run(["bash", "-c", record], check=True)
+    assert plan.main(args) == 0
     assert len(emit.read_text().splitlines()) == 5
     assert plan.main(args + ["--force"]) == 0
     assert len(emit.read_text().splitlines()) == 6

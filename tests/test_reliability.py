@@ -273,3 +273,192 @@ def test_converted_folder_without_settings_is_reconverted(tmp_path):
     _convert(tmp_path, tmp_path / "parent")
     assert (tmp_path / "out" / "converted" / "conversion.json").exists()
     assert not (tmp_path / "out" / "converted" / "sentinel").exists()
+
+
+# ---- 6. stale eval results ----
+
+
+def _finish(line: str, results: dict) -> None:
+    """Do what a plan line does when lm-eval succeeds: results in its folder, then its fingerprint."""
+    import subprocess
+
+    cmd = line.split("\t", 1)[1]
+    out_dir = cmd.split("--output_path ", 1)[1].split(" ", 1)[0]
+    done = os.path.join(out_dir, "m", "results_2026-01-01T00-00-00.json")
+    os.makedirs(os.path.dirname(done), exist_ok=True)
+    with open(done, "w") as fh:
+        json.dump({"results": results}, fh)
+    subprocess.run(["bash", "-c", cmd.split(" && ", 1)[1]], check=True)
+
+
+def test_eval_reruns_results_made_with_another_limit_checkpoint_or_task(tmp_path, capsys):
+    import shutil
+
+    from test_eval import build_tasks, make_checkpoint, plan
+
+    model_dir, _, text = make_checkpoint(tmp_path / "ckpt")
+    tasks = tmp_path / "tasks"
+    assert build_tasks.main(["--text", str(text), "--out", str(tasks), "--max_examples", "6"]) == 0
+    emit = tmp_path / "plan.txt"
+
+    def planned(limit="3"):
+        args = [str(model_dir), "--task_dir", str(tasks), "--output", str(tmp_path / "out"), "--emit", str(emit),
+                "--tasks", "flex_lambada", "--budgets", "0.5", "--limit", limit]
+        capsys.readouterr()
+        assert plan.main(args) == 0
+        return emit.read_text().splitlines(), capsys.readouterr().err
+
+    lines, _ = planned()
+    _finish(lines[0], {"flex_lambada": {"acc,none": 0.5}})
+    lines, err = planned()
+    assert lines == [] and "results exist" in err  # the same call: skipped
+
+    lines, err = planned("4")  # another --limit
+    assert len(lines) == 1 and "stale (made with another limit)" in err
+    _finish(lines[0], {"flex_lambada": {"acc,none": 0.5}})
+    assert planned("4")[0] == []
+
+    weights = model_dir / "model.safetensors"  # the checkpoint re-saved (trained further)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    lines, err = planned("4")
+    assert len(lines) == 1 and "stale (made with another checkpoint)" in err
+    _finish(lines[0], {"flex_lambada": {"acc,none": 0.5}})
+
+    yaml_file = tasks / "flex_lambada.yaml"  # the local task rebuilt differently
+    yaml_file.write_text(yaml_file.read_text() + "\n# rebuilt\n")
+    lines, err = planned("4")
+    assert len(lines) == 1 and "stale (made with another tasks)" in err
+    _finish(lines[0], {"flex_lambada": {"acc,none": 0.5}})
+    data = next(p for p in tasks.rglob("*.jsonl") if "lambada" in p.name)  # its data file changed
+    shutil.copy(data, tmp_path / "keep.jsonl")
+    data.write_text(data.read_text().replace("a", "b", 1))
+    lines, err = planned("4")
+    assert len(lines) == 1 and "stale (made with another tasks)" in err
+
+    (tmp_path / "out" / "raw" / "budget_0.5" / "0shot" / "fingerprint.json").unlink()  # an interrupted run's
+    lines, err = planned("4")
+    assert len(lines) == 1 and "stale (no fingerprint.json" in err
+
+
+# ---- 9. config gaps ----
+
+
+def _flex_config(**options):
+    from conftest import tiny_llama_config
+
+    from modeling_llamaflex import LlamaFlexConfig
+
+    return LlamaFlexConfig.from_llama_config(tiny_llama_config(), **options)
+
+
+def test_budget_strings_in_the_config_are_parsed():
+    config = _flex_config(budgets=["0.75", "0.5", " 0.625 "])
+    assert config.budgets == [0.5, 0.625, 0.75]
+    size = config.parent_parameters() // 2
+    assert _flex_config(budgets=[f"{size / 1000}K", 0.75]).budgets == [pytest.approx(size / config.parent_parameters()),
+                                                                      0.75]
+    with pytest.raises(ValueError, match=r"budgets\[1\]: budget '3B' asks for 3,000,000,000 parameters, more than"):
+        _flex_config(budgets=["0.5", "3B"])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"budgets": 0.5}, r"budgets must be a list of budgets .* got 0\.5 \(float\); for one budget, give \[0\.5\]"),
+        ({"budgets": []}, r"budgets is empty: give at least one budget"),
+        ({"budgets": [0.5, 0.75, 0.5]}, r"budgets \[0\.5, 0\.5, 0\.75\] hold \[0\.5\] more than once"),
+        ({"budgets": [0.01, 0.5]}, r"budgets \[0\.01\] cannot be reached: .* allowed budgets are \[0\.\d+, 1\]"),
+        ({"budgets": [True, 0.5]}, r"budgets\[0\] is True \(bool\)"),
+        ({"depth_choices": [True, 4]}, r"depth_choices must be a non-empty list of positive integers .* \[True, 4\]"),
+        ({"router_embed_dim": 7}, r"router_embed_dim must be even .* got 7"),
+    ],
+)
+def test_config_gaps_are_refused_at_config_time(options, message):
+    with pytest.raises(Exception, match=message):  # (validators' ValueErrors come wrapped by @strict)
+        _flex_config(**options)
+
+
+# ---- 10. smaller ones ----
+
+
+def test_tokens_per_budget_survive_a_resume(tmp_path):
+    import shutil
+
+    from test_training import StopAt, arguments, dataset
+
+    from training.trainer import FlexTrainer
+
+    def run(out, stop=None, resume=None):
+        torch.manual_seed(0)
+        flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), budgets=[0.5, 0.75])
+        args = arguments(tmp_path, output_dir=str(tmp_path / out), max_steps=6, save_strategy="steps", save_steps=3,
+                         logging_steps=3, distillation_weight=0)
+        trainer = FlexTrainer(model=flex, args=args, train_dataset=dataset())
+        if stop is not None:
+            trainer.add_callback(StopAt(stop))
+        trainer.train(resume_from_checkpoint=resume)
+        return dict(trainer.tokens_per_budget)
+
+    full = run("uninterrupted")
+    assert sum(full.values()) == 6 * 4 * 16  # every token of every step, counted once
+    run("interrupted", stop=3)
+    shutil.rmtree(tmp_path / "interrupted" / "checkpoint-6", ignore_errors=True)
+    assert run("interrupted", resume=str(tmp_path / "interrupted" / "checkpoint-3")) == full
+
+
+def test_extract_checks_every_budget_before_writing(saved, tmp_path, capsys):
+    from modeling_llamaflex.__main__ import main
+
+    _, path = saved
+    out = tmp_path / "subs"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", "--model", str(path), "--budget", "0.5", "0.01", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "budget 0.01 cannot be reached" in capsys.readouterr().err and not out.exists()
+    (out / "budget-0.75").mkdir(parents=True)
+    (out / "budget-0.75" / "config.json").write_text("{}")  # a later budget's folder is taken
+    with pytest.raises(SystemExit):
+        main(["extract", "--model", str(path), "--budget", "0.5", "0.75", "--out", str(out)])
+    assert "--overwrite" in capsys.readouterr().err and sorted(os.listdir(out)) == ["budget-0.75"]
+
+
+def _rewrite(path, change):
+    weights = load_file(path / "model.safetensors")
+    change(weights)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_at_a_budget_names_it_and_the_checkpoint(saved):
+    flex, path = saved
+    name = f"model.layers.{flex.architecture(0.5).kept_layers[0]}.mlp.up_proj.weight"
+    _rewrite(path, lambda w: w.pop(name))
+    with pytest.raises(ValueError, match=rf"checkpoint {path} is missing tensor\(s\) its config needs: {name}\b"):
+        LlamaFlexForCausalLM.from_pretrained(path, budget=0.5)
+    reader = SafetensorsReader(safetensors_files(path), source=path)
+    with pytest.raises(ValueError, match=rf"checkpoint {path} has no tensor {name}:"):
+        reader(name, None, None)
+
+
+def test_wrong_shape_at_a_budget_names_the_tensor_and_the_checkpoint(saved):
+    flex, path = saved
+    name = f"model.layers.{flex.architecture(0.5).kept_layers[0]}.mlp.up_proj.weight"
+
+    def shrink(weights):
+        weights[name] = weights[name][:96].contiguous()  # 96 rows where the config has 128: slices still fit
+
+    _rewrite(path, shrink)
+    message = rf"checkpoint {path} holds tensor\(s\) of the wrong shape .*: {name} is \[96, 64\], the config needs \[128, 64\]"
+    with pytest.raises(ValueError, match=message):
+        LlamaFlexForCausalLM.from_pretrained(path, budget=0.5)
+
+
+def test_wrong_router_weights_at_a_budget_name_the_checkpoint(saved):
+    _, path = saved
+
+    def shrink(weights):
+        name = next(k for k in weights if k.startswith("model.router.") and k.endswith("weight"))
+        weights[name] = weights[name][:1].contiguous()
+
+    _rewrite(path, shrink)
+    with pytest.raises(ValueError, match=rf"checkpoint {path}: its router weights \(model.router.\*\) do not fit .*size"):
+        LlamaFlexForCausalLM.from_pretrained(path, budget=0.5)

@@ -16,6 +16,7 @@ draws exactly what the uninterrupted one would have.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections import defaultdict
@@ -168,6 +169,36 @@ class FlexTrainingMixin:
                 raise ValueError(f"cannot train budget {budget!r} (from {source}): {err}") from None
             out.append(b)
         return out
+
+    # ---- resuming: the per-budget token counts go with each checkpoint ----
+    TOKENS_FILE = "tokens_per_budget.json"
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.is_world_process_zero():
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, self.TOKENS_FILE), "w") as fh:
+                    json.dump({repr(b): n for b, n in sorted(self.tokens_per_budget.items())}, fh, indent=1)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train; resuming also restores `tokens_per_budget` as the checkpoint saved it."""
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool) and checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint:
+            path = os.path.join(checkpoint, self.TOKENS_FILE)
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    self.tokens_per_budget = defaultdict(int, {float(b): int(n) for b, n in json.load(fh).items()})
+            else:
+                logger.warning("%s has no %s (saved by an earlier version): tokens_per_budget restarts from zero",
+                               checkpoint, self.TOKENS_FILE)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- saving: always a plain LlamaFlex checkpoint ----
     def save_flex_model(self, output_dir: str) -> None:
