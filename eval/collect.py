@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -333,9 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    (args.output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (args.output / "results.md").write_text(table)
+    for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("results.md", table)):
+        tmp = args.output / f".{name}.tmp"  # atomic: a crash never leaves a half-written table
+        tmp.write_text(text)
+        os.replace(tmp, args.output / name)
     plot(results, args.output / "accuracy_vs_params.png")
     print(table)
     print(f"wrote {args.output / 'results.json'}, results.md and accuracy_vs_params.png")

@@ -322,8 +322,10 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         if model_args.extract_budgets:
             summary["sub_models"] = save_sub_models(training_args.output_dir, tokenizer, trainer.budgets)
-        with open(os.path.join(training_args.output_dir, "training_summary.json"), "w") as fh:
+        path = os.path.join(training_args.output_dir, "training_summary.json")
+        with open(path + ".tmp", "w") as fh:  # atomic: a crash never leaves half a summary
             json.dump(summary, fh, indent=2)
+        os.replace(path + ".tmp", path)
         logger.info("saved LlamaFlex model, sub-models and training_summary.json to %s", training_args.output_dir)
     return summary
 
