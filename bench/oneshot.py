@@ -29,7 +29,7 @@ from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import smallest_budget
 from modeling_llamaflex.elastic import Policy
 
-from bench.common import load_parent_and_blocks, text_blocks  # noqa: F401
+from bench.common import load_parent_and_blocks
 
 
 OLD_IMPORTANCE = {"hidden": "activation", "heads": "activation", "mlp": "activation", "depth": "block_influence"}

@@ -41,6 +41,15 @@ class CalibrationStatistics:
     layers: torch.Tensor  # (layers,)
     tokens: int = 0
 
+    @classmethod
+    def zeros(cls, config) -> CalibrationStatistics:
+        """Empty sums for a Llama config."""
+        L = config.num_hidden_layers
+        return cls(mlp=torch.zeros(L, config.intermediate_size, dtype=torch.float64),
+                   heads=torch.zeros(L, config.num_attention_heads, dtype=torch.float64),
+                   hidden=torch.zeros(config.hidden_size, dtype=torch.float64),
+                   layers=torch.zeros(L, dtype=torch.float64))
+
 
 def calibration_batches(data, batch_size: int = 8) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
     """(input_ids, attention_mask) batches from a (N, T) tensor, a list of sequences, a `datasets.Dataset`
@@ -86,13 +95,8 @@ def calibration_batches(data, batch_size: int = 8) -> Iterable[tuple[torch.Tenso
 def collect_statistics(model, data, batch_size: int = 8, progress: bool = True) -> CalibrationStatistics:
     """Run a `LlamaForCausalLM` (or a LlamaFlex model at full size) over `data` and accumulate activations."""
     config = model.config
-    L, n_q, d = config.num_hidden_layers, config.num_attention_heads, config.head_dim
-    stats = CalibrationStatistics(
-        mlp=torch.zeros(L, config.intermediate_size, dtype=torch.float64),
-        heads=torch.zeros(L, n_q, dtype=torch.float64),
-        hidden=torch.zeros(config.hidden_size, dtype=torch.float64),
-        layers=torch.zeros(L, dtype=torch.float64),
-    )
+    n_q, d = config.num_attention_heads, config.head_dim
+    stats = CalibrationStatistics.zeros(config)
     token_mask: dict[str, torch.Tensor] = {}
 
     def weighted(x: torch.Tensor) -> torch.Tensor:  # sum over tokens of x (..., B, T, C) -> (C,)
@@ -159,13 +163,8 @@ def collect_taylor_statistics(model, data, batch_size: int = 8, progress: bool =
     weights are not changed; their gradients are discarded.
     """
     config = model.config
-    L, n_q, d = config.num_hidden_layers, config.num_attention_heads, config.head_dim
-    stats = CalibrationStatistics(
-        mlp=torch.zeros(L, config.intermediate_size, dtype=torch.float64),
-        heads=torch.zeros(L, n_q, dtype=torch.float64),
-        hidden=torch.zeros(config.hidden_size, dtype=torch.float64),
-        layers=torch.zeros(L, dtype=torch.float64),
-    )
+    n_q, d = config.num_attention_heads, config.head_dim
+    stats = CalibrationStatistics.zeros(config)
     batch: dict = {}
 
     def per_sequence(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, C), padding masked
