@@ -91,6 +91,18 @@ def calibration_batches(data, batch_size: int = 8) -> Iterable[tuple[torch.Tenso
         yield ids, mask
 
 
+def _watch_layer(layer, mlp_hook, head_hook, norm_hook, layer_hook) -> list:
+    """Hook a decoder layer where every scorer reads it: the input of down_proj (MLP neurons), the input of
+    o_proj (heads), both RMSNorm outputs (hidden channels) and the block itself (layers)."""
+    return [
+        layer.mlp.down_proj.register_forward_pre_hook(mlp_hook),
+        layer.self_attn.o_proj.register_forward_pre_hook(head_hook),
+        layer.input_layernorm.register_forward_hook(norm_hook),
+        layer.post_attention_layernorm.register_forward_hook(norm_hook),
+        layer.register_forward_hook(layer_hook, with_kwargs=True),
+    ]
+
+
 @torch.no_grad()
 def collect_statistics(model, data, batch_size: int = 8, progress: bool = True) -> CalibrationStatistics:
     """Run a `LlamaForCausalLM` (or a LlamaFlex model at full size) over `data` and accumulate activations."""
@@ -123,13 +135,7 @@ def collect_statistics(model, data, batch_size: int = 8, progress: bool = True) 
             influence = 1 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
             stats.layers[l] += weighted(influence[..., None])[0]
 
-        hooks += [
-            layer.mlp.down_proj.register_forward_pre_hook(mlp_hook),
-            layer.self_attn.o_proj.register_forward_pre_hook(head_hook),
-            layer.input_layernorm.register_forward_hook(norm_hook),
-            layer.post_attention_layernorm.register_forward_hook(norm_hook),
-            layer.register_forward_hook(layer_hook, with_kwargs=True),
-        ]
+        hooks += _watch_layer(layer, mlp_hook, head_hook, norm_hook, layer_hook)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -204,13 +210,7 @@ def collect_taylor_statistics(model, data, batch_size: int = 8, progress: bool =
 
                 x_out.register_hook(hook)
 
-        hooks += [
-            layer.mlp.down_proj.register_forward_pre_hook(mlp_hook),
-            layer.self_attn.o_proj.register_forward_pre_hook(head_hook),
-            layer.input_layernorm.register_forward_hook(norm_hook),
-            layer.post_attention_layernorm.register_forward_hook(norm_hook),
-            layer.register_forward_hook(layer_hook, with_kwargs=True),
-        ]
+        hooks += _watch_layer(layer, mlp_hook, head_hook, norm_hook, layer_hook)
     hooks.append(model.model.norm.register_forward_hook(norm_hook))
     was_training = model.training
     requires = [p.requires_grad for p in model.parameters()]
