@@ -247,10 +247,6 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.router = BudgetRouter(config) if config.elastic else None
         self.modulation = PolicyModulation(config) if config.elastic and config.use_modulation else None
-        # schedules set these during training (DESIGN.md §4)
-        self.gumbel_temperature = 1.0
-        self.logit_scale = 1.0
-        self.hard_sample_probability = 0.0
         self._architecture_cache: dict = {}
         self.gradient_checkpointing = False
         self.post_init()
@@ -266,11 +262,19 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
     def parent_parameters(self) -> int:
         return self.config.parent_parameters()
 
-    def route(self, budget: float, mode: str = "soft", generator: torch.Generator | None = None) -> Policy:
+    def route(
+        self,
+        budget: float,
+        mode: str = "soft",
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+    ) -> Policy:
         """Sample a policy for `budget` from the routers.
 
         mode "soft": Gumbel-Softmax probabilities, masked forward. "hard": straight-through one-hot, sliced
-        forward. "argmax": the routers' most likely choices, no noise, sliced forward.
+        forward. "argmax": the routers' most likely choices, no noise, sliced forward. `temperature` (τ) and
+        `logit_scale` (κ) shape the Gumbel-Softmax; the trainer's schedules set them.
         """
         self._require_elastic()
         if mode not in ("soft", "hard", "argmax"):
@@ -281,7 +285,7 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
         if mode == "argmax":
             return Policy.one_hot(self.config, {a: int(logits[a].argmax()) for a in AXES}, device=device)
         probs = {
-            axis: gumbel_softmax(l, self.gumbel_temperature, self.logit_scale, hard=mode == "hard", generator=generator)
+            axis: gumbel_softmax(l, temperature, logit_scale, hard=mode == "hard", generator=generator)
             for axis, l in logits.items()
         }
         return Policy(probs, sliced=mode == "hard")
@@ -398,8 +402,8 @@ class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin, ElasticPar
     def architecture(self, budget: float | str) -> Architecture:
         return self.model.architecture(budget)
 
-    def route(self, budget: float, mode: str = "soft", generator: torch.Generator | None = None) -> Policy:
-        return self.model.route(budget, mode, generator)
+    def route(self, budget: float, mode: str = "soft", generator: torch.Generator | None = None, **gumbel) -> Policy:
+        return self.model.route(budget, mode, generator, **gumbel)
 
     @classmethod
     def from_llama(cls, llama, calibration_data=None, **elastic) -> LlamaFlexForCausalLM:
@@ -429,6 +433,8 @@ class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin, ElasticPar
         policy: Policy | None = None,
         route_mode: str | None = None,
         generator: torch.Generator | None = None,
+        gumbel_temperature: float = 1.0,
+        logit_scale: float = 1.0,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> LlamaFlexCausalLMOutput:
@@ -436,13 +442,14 @@ class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin, ElasticPar
         budget: run the sub-model of this budget (sliced). Without it, `config.budget`, else the full model.
         policy: run an explicit `Policy` (from `route()` or `Policy.one_hot`) instead.
         route_mode: "soft" or "hard": sample the policy for `budget` from the routers inside this forward
-            (training; Gumbel noise from `generator`), and return the budget loss and expected size with it.
+            (training; Gumbel noise from `generator`, temperature `gumbel_temperature`, router logits scaled by
+            `logit_scale`), and return the budget loss and expected size with it.
         """
         routed_budget = None
         if route_mode is not None:
             if budget is None:
                 raise ValueError("route_mode needs a budget to route")
-            policy = self.model.route(budget, route_mode, generator)
+            policy = self.model.route(budget, route_mode, generator, gumbel_temperature, logit_scale)
             routed_budget = parse_budget(budget, self.config.parent_parameters())
         outputs = self.model(
             input_ids=input_ids,

@@ -3,6 +3,9 @@
 * `GumbelTemperatureCallback`: τ = τ₀ · decay^step (paper: ×0.9999 per step)
 * `LogitScaleCallback`: κ linear from κ_start to κ_end over training (paper: 1 → 10)
 * `HardSampleCallback`: probability of a hard (straight-through, sliced) sample; 1 in the final phase
+
+Each sets one attribute of the `FlexTrainer` that owns it (as TRL's trainers keep `beta` on the trainer), which
+the trainer passes to the routed forward; the model holds no training state.
 """
 
 from __future__ import annotations
@@ -10,62 +13,48 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 
-def _flex(model):
-    """The LlamaFlexModel inside whatever wrapper (DeepSpeed engine, DDP, PEFT) the trainer holds."""
-    while not hasattr(model, "gumbel_temperature"):
-        for attr in ("module", "base_model", "model"):
-            if hasattr(model, attr):
-                model = getattr(model, attr)
-                break
-        else:
-            raise TypeError(f"no LlamaFlex model inside {type(model).__name__}")
-    return model
-
-
 class _StepSchedule(TrainerCallback):
-    """Sets one value from the step at the start of every step (and at train begin, for resumes)."""
+    """Sets `trainer.<attribute>` from the step at the start of every step (and at train begin, for resumes)."""
+
+    attribute: str = ""
+
+    def __init__(self, trainer=None):
+        self.trainer = trainer  # bound by FlexTrainer.__init__
 
     def value(self, args, step: int, max_steps: int) -> float:
         raise NotImplementedError
 
-    def apply(self, model, value: float) -> None:
-        raise NotImplementedError
+    def _update(self, args, state):
+        if self.trainer is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to a FlexTrainer (pass it in FlexTrainer's callbacks)")
+        setattr(self.trainer, self.attribute, self.value(args, state.global_step, max(state.max_steps, 1)))
 
-    def _update(self, args, state, model):
-        if model is not None:
-            self.apply(model, self.value(args, state.global_step, max(state.max_steps, 1)))
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._update(args, state)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._update(args, state, model)
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self._update(args, state, model)
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._update(args, state)
 
 
 class GumbelTemperatureCallback(_StepSchedule):
+    attribute = "gumbel_temperature"
+
     def value(self, args, step, max_steps):
         return args.gumbel_temperature * args.gumbel_temperature_decay**step
 
-    def apply(self, model, value):
-        _flex(model).gumbel_temperature = value
-
 
 class LogitScaleCallback(_StepSchedule):
+    attribute = "logit_scale"
+
     def value(self, args, step, max_steps):
         return args.logit_scale_start + (args.logit_scale_end - args.logit_scale_start) * min(step / max_steps, 1.0)
 
-    def apply(self, model, value):
-        _flex(model).logit_scale = value
-
 
 class HardSampleCallback(_StepSchedule):
-    """Stores the probability on the trainer-visible model; `FlexTrainer` reads it when sampling."""
+    attribute = "hard_sample_probability"
 
     def value(self, args, step, max_steps):
         return 1.0 if step >= args.hard_phase_start * max_steps else args.hard_sample_probability
-
-    def apply(self, model, value):
-        _flex(model).hard_sample_probability = value
 
 
 SCHEDULES = (GumbelTemperatureCallback, LogitScaleCallback, HardSampleCallback)

@@ -1,4 +1,4 @@
-"""`FlexTrainer`: one `transformers.Trainer` run trains the shared weights, routers and modulation (DESIGN.md §4).
+"""`FlexTrainer`: one `transformers.Trainer` run trains the shared weights, routers and modulation (docs/design.md).
 
 The elastic part lives in `FlexTrainingMixin`, which `FlexTrainer` (on `Trainer`) and `training/sft.py`'s
 `FlexSFTTrainer` (on TRL's `SFTTrainer`) share.
@@ -32,7 +32,7 @@ from modeling_llamaflex.lora import flex_model, has_peft_layers, merged_state_di
 from modeling_llamaflex.router import BudgetRouter
 
 from .arguments import FlexArguments, FlexTrainingArguments
-from .callbacks import SCHEDULES, _flex
+from .callbacks import SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,13 @@ class FlexTrainingMixin:
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means: Trainer divides by GA steps
         self.flex = flex_model(self.model, name)
         self.budgets = self._check_budgets(self.flex, args)
-        _flex(self.model).hard_sample_probability = args.hard_sample_probability
+        # the router schedules (callbacks bound to this trainer) update these at every step
+        self.gumbel_temperature = args.gumbel_temperature
+        self.logit_scale = args.logit_scale_start
+        self.hard_sample_probability = args.hard_sample_probability
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, SCHEDULES):
+                callback.trainer = self
         self.sampler = BudgetSampler(self.budgets, args.budget_weights, args.full_budget_probability, args.sampling_seed)
         if args.freeze_llm:
             for name, p in self.model.named_parameters():
@@ -264,12 +270,12 @@ class FlexTrainingMixin:
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
         step = self.state.global_step
-        hard_probability = getattr(_flex(model), "hard_sample_probability", args.hard_sample_probability)
         micro = self._next_micro(step)
-        budget, hard, generator = self.sampler.sample(step, micro, hard_probability)
+        budget, hard, generator = self.sampler.sample(step, micro, self.hard_sample_probability)
         self.sample_log.append((step, micro, budget, bool(hard)))
         if budget < 1.0 or args.freeze_llm:  # (a frozen LLM at b = 1 has only the routers left to train)
-            forward.update(budget=budget, route_mode="hard" if hard else "soft", generator=generator)
+            forward.update(budget=budget, route_mode="hard" if hard else "soft", generator=generator,
+                           gumbel_temperature=self.gumbel_temperature, logit_scale=self.logit_scale)
         outputs = model(**forward, labels=labels if args.lm_loss_weight > 0 else None)
         if outputs.budget_loss is not None and args.router_learning_rate > 0:  # from now on the routers choose
             for router in self._routers:
@@ -300,9 +306,8 @@ class FlexTrainingMixin:
     # ---- logging ----
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats:  # a training log: add per-budget figures since the last one
-            flex = _flex(self.model)
-            logs["gumbel_temperature"] = flex.gumbel_temperature
-            logs["logit_scale"] = flex.logit_scale
+            logs["gumbel_temperature"] = self.gumbel_temperature
+            logs["logit_scale"] = self.logit_scale
             for budget, stats in sorted(self._stats.items()):
                 n = max(stats.pop("count"), 1)
                 for key, value in stats.items():
@@ -317,9 +322,8 @@ class FlexTrainingMixin:
 
     def architecture_report(self) -> list[str]:
         """The routers' current architecture for each trained budget, one line each."""
-        flex = _flex(self.model)
-        with gathered(flex.router):
-            return [f"step {self.state.global_step} budget {b:g}: {flex.architecture(b)}" for b in self.budgets]
+        with gathered(self.flex.model.router):
+            return [f"step {self.state.global_step} budget {b:g}: {self.flex.architecture(b)}" for b in self.budgets]
 
     # ---- evaluation: every trained budget and the full model ----
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
