@@ -30,7 +30,6 @@ import torch
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import make_architecture
 from modeling_llamaflex.configuration_llamaflex import AXES
-from modeling_llamaflex.elastic import Policy
 from modeling_llamaflex.importance import SCORERS
 
 from bench.common import held_out_loss, load_parent_and_blocks
@@ -67,9 +66,8 @@ def single_axis_costs(flex, blocks, batch_size) -> dict[str, dict[int, float]]:
         for i, value in enumerate(cfg.choices[axis][:-1]):
             idx = dict(full, **{axis: i})
             arch = make_architecture(cfg, idx)
-            policy = Policy.one_hot(cfg, idx)
             out[axis][value] = {
-                "loss": held_out_loss(flex, blocks, batch_size, policy=policy),
+                "loss": held_out_loss(flex, blocks, batch_size, architecture=arch),
                 "fraction": arch.num_parameters / cfg.parent_parameters(),
             }
     return out

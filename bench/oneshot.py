@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import smallest_budget
-from modeling_llamaflex.elastic import Policy
 
 from bench.common import load_parent_and_blocks
 
@@ -52,8 +51,7 @@ def family(flex, grid, held_out, parent_losses, batch_size) -> list[dict]:
     rows = []
     for budget in grid:
         arch = flex.architecture(budget)
-        policy = None if budget >= 1 else Policy.one_hot(flex.config, arch.indices)
-        losses = block_losses(flex, held_out, batch_size, policy=policy)
+        losses = block_losses(flex, held_out, batch_size, architecture=arch)
         diff = losses - parent_losses
         rows.append({"budget": budget, "hidden": arch.hidden, "heads": arch.heads, "mlp": arch.mlp, "depth": arch.depth,
                      "fraction": arch.num_parameters / flex.config.parent_parameters(), "note": arch.note,

@@ -23,7 +23,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from modeling_llamaflex import LlamaFlexForCausalLM
-from modeling_llamaflex.elastic import Policy
 
 from bench.common import load_parent_and_blocks
 from bench.oneshot import block_losses
@@ -67,7 +66,7 @@ def main(argv=None) -> dict:
         rows = {}
         for b in trained.config.budgets:
             arch = trained.architecture(b)
-            diff = block_losses(trained, held_out, policy=Policy.one_hot(trained.config, arch.indices)) - parent_losses
+            diff = block_losses(trained, held_out, architecture=arch) - parent_losses
             rows[f"{b:g}"] = {"arch": f"{arch.hidden}/{arch.heads}/{arch.mlp}/{arch.depth}", "note": arch.note,
                               "fraction": arch.num_parameters / trained.config.parent_parameters(),
                               "delta": float(diff.mean()), "delta_se": float(diff.std() / len(diff) ** 0.5),

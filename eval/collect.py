@@ -51,7 +51,7 @@ def architectures(model_dir: Path, budgets: list[float]) -> tuple[dict[float, di
     """Architecture dicts of `budgets` from the router weights only; the parent's non-embedding parameters;
     the explicit (trained) budgets."""
     from modeling_llamaflex import LlamaFlexConfig
-    from modeling_llamaflex.export import router_architectures
+    from modeling_llamaflex.loading import router_architectures
 
     config = LlamaFlexConfig.from_pretrained(model_dir)
     out = {b: arch.to_dict() for b, arch in router_architectures(str(model_dir), config, budgets).items()}

@@ -122,6 +122,9 @@ class LlamaFlexConfig(LlamaConfig):
         budgets (`list[float]`): the budgets trained on (fractions of the parent's non-embedding parameters).
         router_embed_dim, router_hidden_dim (`int`): size of the shared budget embedding and of the hidden
             layer of each axis's router MLP (paper: 128 and 128).
+        router_budget_embedding (`str`): the routers' input: "sinusoidal" (low-frequency features of the scalar
+            budget) or "onehot" (Flextron: a one-hot over the trained budgets and 1; a budget between two of
+            them gets the linear blend of their one-hots).
         modulation_embed_dim, modulation_hidden_dim (`int`): size of the sinusoidal choice embedding and of
             the hidden layer of each modulation network (paper: 16 and 128).
         use_modulation (`bool`): build the policy-aware modulation networks.
@@ -137,6 +140,9 @@ class LlamaFlexConfig(LlamaConfig):
     """
 
     model_type = "llamaflex"
+    # No tensor-parallel plan: Llama's shards q/k/v/o and the MLP by rows or columns, but an `ElasticLinear`
+    # keeps a *prefix* of its weight, which a shard is not. `from_pretrained(tp_plan=...)` is refused.
+    base_model_tp_plan = None
 
     hidden_choices: list[int] | None = None
     head_choices: list[int] | None = None
@@ -146,6 +152,7 @@ class LlamaFlexConfig(LlamaConfig):
     budgets: list[float] | None = None
     router_embed_dim: int = 128
     router_hidden_dim: int = 128
+    router_budget_embedding: str = "sinusoidal"
     modulation_embed_dim: int = 16
     modulation_hidden_dim: int = 128
     use_modulation: bool = True
@@ -258,6 +265,8 @@ class LlamaFlexConfig(LlamaConfig):
                 f"router_embed_dim must be even (the sinusoidal budget embedding has a sine and a cosine per "
                 f"frequency), got {self.router_embed_dim}; use {self.router_embed_dim + 1}, for example"
             )
+        if self.router_budget_embedding not in ("sinusoidal", "onehot"):
+            raise ValueError(f"router_budget_embedding must be 'sinusoidal' or 'onehot', got {self.router_budget_embedding!r}")
         if self.modulation_embed_dim < 2 or self.modulation_embed_dim % 2:
             raise ValueError(f"modulation_embed_dim must be a positive even number, got {self.modulation_embed_dim}")
         if self.budget is not None and self.elastic:
@@ -283,7 +292,7 @@ class LlamaFlexConfig(LlamaConfig):
         }
 
     def parent_parameters(self) -> int:
-        """Non-embedding parameters of the parent (closed form, DESIGN.md §3.5)."""
+        """Non-embedding parameters of the parent (closed form: `architecture.count_parameters`)."""
         from .architecture import count_parameters
 
         return count_parameters(
@@ -298,28 +307,33 @@ class LlamaFlexConfig(LlamaConfig):
                 f"LlamaFlex needs a Llama-shaped parent (model_type 'llama'), got model_type "
                 f"{getattr(llama_config, 'model_type', None)!r}"
             )
-        data = llama_config.to_dict()
         # (a parent loaded from a GGUF is de-quantised: its quantization_config describes no weight we hold)
-        for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
-            data.pop(key, None)
+        data = model_fields(llama_config.to_dict())
         data.update(elastic)
         return cls(**data)
 
     def to_llama_config(self, **sizes) -> LlamaConfig:
         """The plain LlamaConfig of the parent, or of a sub-model when sizes are given."""
-        data = self.to_dict()
-        for key in list(data):
-            if key in _FLEX_FIELDS or key in ("model_type", "auto_map", "transformers_version", "quantization_config"):
-                data.pop(key)
+        data = {k: v for k, v in model_fields(self.to_dict()).items() if k not in _FLEX_FIELDS}
         data.update(sizes)
         data["head_dim"] = self.head_dim
         data["architectures"] = ["LlamaForCausalLM"]
         return LlamaConfig(**data)
 
 
+FILE_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config")
+"""Keys of a saved config that describe its file (class, code, version, stored weight format), not the model:
+dropped whenever one config is built from another."""
+
+
+def model_fields(data: dict) -> dict:
+    """A config dict without its `FILE_FIELDS`."""
+    return {k: v for k, v in data.items() if k not in FILE_FIELDS}
+
+
 _FLEX_FIELDS = {
     "hidden_choices", "head_choices", "mlp_choices", "depth_choices", "layer_ranking", "budgets",
-    "router_embed_dim", "router_hidden_dim", "modulation_embed_dim", "modulation_hidden_dim",
+    "router_embed_dim", "router_hidden_dim", "router_budget_embedding", "modulation_embed_dim", "modulation_hidden_dim",
     "use_modulation", "budget_tolerance", "budget", "elastic", "architecture_scores",
 }
 

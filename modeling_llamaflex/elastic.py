@@ -1,12 +1,13 @@
-"""The elastic building blocks (DESIGN.md §3.2).
+"""The elastic building blocks (docs/design.md, "Nested weights").
 
 * `ElasticLinear` slices its *own* weight inside its own forward: the input width is read off the
   activation, the output width is asked for. Query-head projections keep a prefix *within each KV group*,
   through a (groups, per_group, ...) view, so grouped-query attention survives every cut.
 * `ElasticRMSNorm` normalises over the active channels only (sliced mode), or over a soft-masked full
   width with the expected active width ĥ (masked mode).
-* `Policy` is what one forward runs: per-axis choice probabilities, and whether to slice (hard, one-hot)
-  or to mask (soft staircase masks). `ElasticState` turns a policy into the tensors every layer needs.
+* `ElasticState` is what every layer of one forward needs. Inference builds it from an `Architecture` (the
+  one public representation of a sub-model); training builds it from a `Policy`, the routers' per-axis choice
+  probabilities (soft: staircase masks over the full width; hard: one-hot, sliced, gradients through the gates).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .architecture import Architecture, make_architecture
 from .configuration_llamaflex import AXES, LlamaFlexConfig
 
 
@@ -80,14 +82,14 @@ class ElasticRMSNorm(nn.Module):
 
 
 def staircase(probs: torch.Tensor, choices: list[int], size: int) -> torch.Tensor:
-    """Soft staircase mask m = Σ_i π_i·[arange(size) < c_i] (DESIGN.md §3.2)."""
+    """Soft staircase mask m = Σ_i π_i·[arange(size) < c_i]."""
     steps = torch.arange(size, device=probs.device)[None, :] < torch.tensor(choices, device=probs.device)[:, None]
     return probs @ steps.to(probs.dtype)
 
 
 @dataclass
 class Policy:
-    """Per-axis choice probabilities for one forward.
+    """Per-axis choice probabilities for one training forward (from the routers, or one-hot for tests).
 
     `sliced=True` needs one-hot probabilities (hard or argmax samples): the model then runs the chosen
     sub-model's shapes, and the one-hot entries (value 1, possibly carrying straight-through gradients)
@@ -111,38 +113,50 @@ class Policy:
 
 
 class ElasticState:
-    """What every layer needs from a policy, computed once per forward.
+    """What every layer needs for one forward, computed once per forward.
 
-    Sliced mode: integer widths, the kept layers, and scalar gates (the chosen one-hot entry, or None
-    when it carries no gradient). Masked mode: staircase masks, H/ĥ for the norms, per-layer keep weights.
+    Sliced mode (`for_architecture`, or a hard policy): integer widths, the kept layers, and scalar gates
+    (the chosen one-hot entry of a hard policy, or None when it carries no gradient). Masked mode (a soft
+    policy): staircase masks, H/ĥ for the norms, per-layer keep weights.
     """
 
+    gains: torch.Tensor | None = None  # (2, L) modulation gains, set by the model
+
+    @classmethod
+    def for_architecture(cls, arch: Architecture) -> ElasticState:
+        """The sliced state of one sub-model, with no gates: what inference runs."""
+        state = cls.__new__(cls)
+        state._set_sliced(arch, dict.fromkeys(AXES))
+        return state
+
     def __init__(self, config: LlamaFlexConfig, policy: Policy):
-        self.sliced = policy.sliced
         probs, choices = policy.probs, config.choices
+        if policy.sliced:
+            gates = {a: probs[a][i] if probs[a].requires_grad else None for a, i in policy.indices.items()}
+            self._set_sliced(make_architecture(config, policy.indices), gates)
+            return
         n_kv = config.num_key_value_heads
         per_group = config.num_attention_heads // n_kv
-        self.gains: torch.Tensor | None = None  # (2, L) modulation gains, set by the model
-        if self.sliced:
-            idx = policy.indices
-            self.hidden, self.heads, self.mlp, depth = (choices[a][idx[a]] for a in AXES)
-            self.kept_layers = sorted(config.layer_ranking[:depth])
-            gates = {a: probs[a][idx[a]] if probs[a].requires_grad else None for a in AXES}
-            self.hidden_mask, self.head_mask, self.mlp_mask = gates["hidden"], gates["heads"], gates["mlp"]
-            self.width_scale = None
-            self.layer_weight = {layer: gates["depth"] for layer in self.kept_layers}
-        else:
-            self.hidden = self.heads = self.mlp = None
-            self.kept_layers = list(range(config.num_hidden_layers))
-            self.hidden_mask = staircase(probs["hidden"], choices["hidden"], config.hidden_size)
-            expected_width = probs["hidden"] @ torch.tensor(choices["hidden"], dtype=probs["hidden"].dtype, device=probs["hidden"].device)
-            self.width_scale = config.hidden_size / expected_width
-            per_group_choices = [c // n_kv for c in choices["heads"]]
-            self.head_mask = staircase(probs["heads"], per_group_choices, per_group).repeat(n_kv)[:, None]
-            self.mlp_mask = staircase(probs["mlp"], choices["mlp"], config.intermediate_size)
-            keep = staircase(probs["depth"], choices["depth"], config.num_hidden_layers)  # by rank position
-            position = {layer: pos for pos, layer in enumerate(config.layer_ranking)}
-            self.layer_weight = {layer: keep[position[layer]] for layer in self.kept_layers}
+        self.sliced = False
+        self.hidden = self.heads = self.mlp = None
+        self.kept_layers = list(range(config.num_hidden_layers))
+        self.hidden_mask = staircase(probs["hidden"], choices["hidden"], config.hidden_size)
+        expected_width = probs["hidden"] @ torch.tensor(choices["hidden"], dtype=probs["hidden"].dtype, device=probs["hidden"].device)
+        self.width_scale = config.hidden_size / expected_width
+        per_group_choices = [c // n_kv for c in choices["heads"]]
+        self.head_mask = staircase(probs["heads"], per_group_choices, per_group).repeat(n_kv)[:, None]
+        self.mlp_mask = staircase(probs["mlp"], choices["mlp"], config.intermediate_size)
+        keep = staircase(probs["depth"], choices["depth"], config.num_hidden_layers)  # by rank position
+        position = {layer: pos for pos, layer in enumerate(config.layer_ranking)}
+        self.layer_weight = {layer: keep[position[layer]] for layer in self.kept_layers}
+
+    def _set_sliced(self, arch: Architecture, gates: dict[str, torch.Tensor | None]) -> None:
+        self.sliced = True
+        self.hidden, self.heads, self.mlp = arch.hidden, arch.heads, arch.mlp
+        self.kept_layers = list(arch.kept_layers)
+        self.hidden_mask, self.head_mask, self.mlp_mask = gates["hidden"], gates["heads"], gates["mlp"]
+        self.width_scale = None
+        self.layer_weight = {layer: gates["depth"] for layer in self.kept_layers}
 
     def branch_scale(self, layer: int, branch: int) -> torch.Tensor | None:
         """Product of the modulation gain and the layer's keep weight for one residual branch."""

@@ -1,4 +1,4 @@
-"""Policy-aware modulation (DESIGN.md §3.4): tiny networks that rescale the elastic branches.
+"""Policy-aware modulation (docs/design.md, "Modulation"): tiny networks that rescale the elastic branches.
 
 For each axis a, M_a: sin_16(c / c_max) → Linear(16, 128) → SiLU → Linear(128, 2·L), last layer zero-initialised,
 gives per-layer gains 1 + Δ for the attention (row 0) and MLP (row 1) branch outputs, with Δ = M_a(x) − M_a(x_full),
@@ -9,6 +9,7 @@ policies feed the π-weighted embedding of the choices. Gains of all axes multip
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .configuration_llamaflex import AXES, LlamaFlexConfig
@@ -48,6 +49,11 @@ class PolicyModulation(nn.Module):
     def __init__(self, config: LlamaFlexConfig):
         super().__init__()
         self.axes = nn.ModuleDict({axis: AxisModulation(config, axis) for axis in AXES})
+
+    def for_indices(self, indices: dict[str, int]) -> torch.Tensor:
+        """(2, L) gains of one architecture (its choice index per axis): a one-hot policy, no routers."""
+        device = next(self.parameters()).device
+        return self({a: F.one_hot(torch.tensor(indices[a], device=device), len(m.choices)).float() for a, m in self.axes.items()})
 
     def forward(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         gains = None

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from .architecture import candidates, full_architecture, index_key, make_architecture, predicted_loss, search_architecture
 from .configuration_llamaflex import AXES
-from .elastic import Policy
 from .importance import calibration_batches
 
 logger = logging.getLogger(__name__)
@@ -31,12 +30,12 @@ def _kl_to_parent(flex, batches, parent_logprobs: list[torch.Tensor] | None, ind
     With `parent_logprobs` None, returns the full model's log-probabilities per batch instead (the reference).
     """
     device = flex.model.embed_tokens.weight.device
-    policy = None if indices is None else Policy.one_hot(flex.config, indices, device=device)
+    arch = None if indices is None else make_architecture(flex.config, indices)
     total, count, out = 0.0, 0, []
     for b, (ids, mask) in enumerate(batches):
         ids = ids.to(device)
         mask = torch.ones_like(ids) if mask is None else mask.to(device)
-        logprobs = F.log_softmax(flex(input_ids=ids, attention_mask=mask, policy=policy, use_cache=False).logits.float(), -1)
+        logprobs = F.log_softmax(flex(input_ids=ids, attention_mask=mask, architecture=arch, use_cache=False).logits.float(), -1)
         if parent_logprobs is None:
             out.append(logprobs)
             continue

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from modeling_llamaflex import LlamaFlexForCausalLM, parse_budget
 from modeling_llamaflex.elastic import Policy
-from modeling_llamaflex.export import SafetensorsReader, safetensors_files
+from modeling_llamaflex.safetensors_io import SafetensorsReader, safetensors_files
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from modeling_llamaflex import LlamaFlexConfig, LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import (candidates, count_parameters, make_architecture, scored_architectures,
                                              search_architecture)
 from modeling_llamaflex.configuration_llamaflex import AXES
-from modeling_llamaflex.export import sub_model_sizes
+from modeling_llamaflex.slicing import sub_model_sizes
 
 
 def calibration(n: int = 8, length: int = 16, seed: int = 5) -> torch.Tensor:

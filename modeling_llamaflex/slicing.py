@@ -1,0 +1,165 @@
+"""Cutting a sub-model out of the shared weights (docs/design.md, "Extraction"), with no file I/O.
+
+`sub_model_tensors` names every slice a sub-model needs and folds the modulation gains into
+o_proj/down_proj. It reads through a `reader(name, rows, cols)`, so the same code cuts from tensors in memory
+(`extract`, via `memory_reader`) and from safetensors files, reading only the needed bytes
+(`loading.load_at_budget`, via `safetensors_io.SafetensorsReader`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from transformers import LlamaForCausalLM
+from transformers.initialization import no_init_weights
+
+from .architecture import Architecture, is_full
+from .configuration_llamaflex import LlamaFlexConfig
+from .lora import has_peft_layers, merged_state_dict
+from .modulation import PolicyModulation
+
+
+Ranges = list[tuple[int, int]] | None  # None: the whole dimension
+Reader = Callable[[str, Ranges, Ranges], torch.Tensor]
+
+
+def _head_ranges(config: LlamaFlexConfig, heads: int) -> Ranges:
+    """Rows of q_proj (columns of o_proj) of the first heads // n_kv query heads of every KV group."""
+    n_kv, d = config.num_key_value_heads, config.head_dim
+    block, kept = (config.num_attention_heads // n_kv) * d, (heads // n_kv) * d
+    return [(g * block, g * block + kept) for g in range(n_kv)]
+
+
+def sub_model_tensors(
+    config: LlamaFlexConfig, arch: Architecture, reader: Reader, gains: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict, in `LlamaForCausalLM` names, of the sub-model `arch`; `gains` (2, L) are folded."""
+    h, f = [(0, arch.hidden)], [(0, arch.mlp)]
+    heads = _head_ranges(config, arch.heads)
+    out = {"model.embed_tokens.weight": reader("model.embed_tokens.weight", None, h)}
+    specs = {  # name: (rows, cols, which gain)
+        "input_layernorm.weight": (h, None, None),
+        "post_attention_layernorm.weight": (h, None, None),
+        "self_attn.q_proj.weight": (heads, h, None),
+        "self_attn.k_proj.weight": (None, h, None),
+        "self_attn.v_proj.weight": (None, h, None),
+        "self_attn.o_proj.weight": (h, heads, 0),
+        "mlp.gate_proj.weight": (f, h, None),
+        "mlp.up_proj.weight": (f, h, None),
+        "mlp.down_proj.weight": (h, f, 1),
+    }
+    if config.attention_bias:
+        specs.update({
+            "self_attn.q_proj.bias": (heads, None, None),
+            "self_attn.k_proj.bias": (None, None, None),
+            "self_attn.v_proj.bias": (None, None, None),
+            "self_attn.o_proj.bias": (h, None, 0),
+        })
+    if config.mlp_bias:
+        specs.update({
+            "mlp.gate_proj.bias": (f, None, None),
+            "mlp.up_proj.bias": (f, None, None),
+            "mlp.down_proj.bias": (h, None, 1),
+        })
+    for new, layer in enumerate(arch.kept_layers):
+        for name, (rows, cols, which) in specs.items():
+            tensor = reader(f"model.layers.{layer}.{name}", rows, cols)
+            if gains is not None and which is not None:
+                tensor = (tensor.float() * gains[which, layer].float()).to(tensor.dtype)
+            out[f"model.layers.{new}.{name}"] = tensor
+    out["model.norm.weight"] = reader("model.norm.weight", h, None)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = reader("lm_head.weight", None, h)
+    return out
+
+
+def full_shapes(config: LlamaFlexConfig, layers) -> dict[str, tuple[int, ...]]:
+    """The parent-size shape of every tensor a sub-model keeping `layers` reads (`sub_model_tensors`' names)."""
+    d, h, f, v = config.head_dim, config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    specs = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }
+    if config.attention_bias:
+        specs.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+                      "self_attn.o_proj.bias": (h,)})
+    if config.mlp_bias:
+        specs.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (h,)})
+    out = {"model.embed_tokens.weight": (v, h)}
+    out.update({f"model.layers.{layer}.{name}": shape for layer in layers for name, shape in specs.items()})
+    out["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
+def _take(tensor: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
+    if ranges is None:
+        return tensor
+    return torch.cat([tensor.narrow(dim, a, b - a) for a, b in ranges], dim)
+
+
+def memory_reader(state: dict[str, torch.Tensor]) -> Reader:
+    def read(name: str, rows: Ranges, cols: Ranges) -> torch.Tensor:
+        tensor = _take(state[name], 0, rows)
+        return (_take(tensor, 1, cols) if cols is not None else tensor).clone()
+
+    return read
+
+
+def sub_model_sizes(arch: Architecture) -> dict[str, int]:
+    """The LlamaConfig size fields of a sub-model."""
+    return {
+        "hidden_size": arch.hidden,
+        "num_attention_heads": arch.heads,
+        "intermediate_size": arch.mlp,
+        "num_hidden_layers": arch.depth,
+    }
+
+
+def fold_gains(modulation: PolicyModulation | None, config: LlamaFlexConfig, arch: Architecture) -> torch.Tensor | None:
+    """The (2, L) gains of `arch`, computed in fp32 whatever the weights' dtype; None for the full architecture
+    (it runs without modulation) or without modulation."""
+    if modulation is None or is_full(config, arch.indices):
+        return None
+    fp32 = copy.deepcopy(modulation).float()
+    for axis in fp32.axes.values():
+        axis.choice_embedding = axis.make_table().to(axis.choice_embedding.device)
+    with torch.no_grad():
+        return fp32.for_indices(arch.indices)
+
+
+@torch.no_grad()
+def extract(flex, budget) -> LlamaForCausalLM:
+    """A plain `LlamaForCausalLM` holding the sub-model of `budget` (or of an `Architecture`).
+
+    With a PEFT adapter on `flex` (`peft_model.extract(b)`), the active LoRA adapters are merged into the
+    sub-model's weights (the model itself is left as it is): the result gives the adapted model's logits.
+    """
+    arch = budget if isinstance(budget, Architecture) else flex.architecture(budget)
+    state = merged_state_dict(flex) if has_peft_layers(flex) else flex.state_dict()
+    tensors = sub_model_tensors(flex.config, arch, memory_reader(state), fold_gains(flex.model.modulation, flex.config, arch))
+    llama_config = flex.config.to_llama_config(**sub_model_sizes(arch))
+    llama_config.dtype = flex.dtype
+    with no_init_weights():
+        llama = LlamaForCausalLM(llama_config)
+    assign_weights(llama, tensors, flex.config.tie_word_embeddings)
+    llama.generation_config = flex.generation_config
+    return llama.to(flex.device).eval()
+
+
+def assign_weights(model, tensors: dict[str, torch.Tensor], tied: bool) -> None:
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"sub-model weights do not fit: missing {missing}, unexpected {unexpected}")
+    if tied:
+        model.tie_weights()
+
+
+__all__ = ["extract", "fold_gains", "full_shapes", "memory_reader", "sub_model_sizes", "sub_model_tensors"]
