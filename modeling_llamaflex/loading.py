@@ -129,7 +129,8 @@ def _module_from_checkpoint(module: torch.nn.Module, state: dict, prefix: str, p
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:  # wrong-shaped weights (torch names them)
         detail = " ".join(str(err).split()).split(":", 1)[-1].strip()
-        raise ValueError(f"checkpoint {path}: its weights {prefix}* do not fit its config.json: {detail}") from None
+        name = prefix.split(".")[1]  # router, modulation
+        raise ValueError(f"checkpoint {path}: its {name} weights ({prefix}*) do not fit its config.json: {detail}") from None
     if missing or unexpected:  # a fresh module holds random weights: never use those
         problems = [f"missing {_names([prefix + k for k in missing])}"] if missing else []
         problems += [f"unexpected {_names([prefix + k for k in unexpected])}"] if unexpected else []
