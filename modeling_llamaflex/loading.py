@@ -41,7 +41,15 @@ def refuse_unsupported(config: PreTrainedConfig | None, kwargs: dict, at_budget:
         )
 
 
+def _single_device(device):
+    """The one device of a device map that puts everything there ({"": "cpu"}, as lm-eval and accelerate pass)."""
+    if isinstance(device, dict) and set(device) == {""}:
+        return device[""]
+    return device
+
+
 def _one_device(device) -> bool:
+    device = _single_device(device)
     try:
         torch.device(device)
         return True
@@ -195,7 +203,7 @@ def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if dtype is not None and dtype != "auto":
         model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    device = kwargs.get("device_map")
+    device = _single_device(kwargs.get("device_map"))
     if device is not None:
         model = model.to(device)
     return model.eval()
