@@ -1,458 +1,244 @@
 """Quality of the family: one elastic LlamaFlex run against compressing every size separately, at equal tokens.
 
-    python bench/quality.py --steps 4 --eval_blocks 8 --out runs/bench-quality/smoke \
-        --plot runs/bench-quality/smoke/quality.png                          # smoke run (a few minutes)
-    python bench/quality.py --steps 480 --out runs/bench-quality/steps480 \
-        --plot runs/bench-quality/steps480/quality.png                       # longer run, T = 983,040
-    python bench/quality.py --out runs/bench-quality/final \
-        --also_plot runs/bench-quality/steps480                              # default, T = 245,760; bench/quality.png
+    python bench/quality.py --parent runs/toy-parent --out runs/bench-quality/toy \
+        --json bench/results/quality_toy.json --plot bench/quality.png       # T = 983,040 (480 steps x 8 x 256)
+    python bench/quality.py --parent runs/toy-parent --steps 8 --eval_blocks 8 --variants exported \
+        --out runs/bench-quality/smoke --plot ''                              # smoke run
 
-Same parent, same data, the same number of training tokens T = steps x batch_size x block_size for every
-trained method, and the same validation blocks for every model. The methods (see bench/QUALITY.md):
+Same parent, data, optimiser and held-out blocks for every method; every trained method sees T tokens in all:
 
-1. ``oneshot``: ``LlamaFlexForCausalLM.from_llama(parent, calibration blocks)`` then ``extract(b)``; no training.
-   Untrained routers are uniform, so ``architecture(b)`` takes the largest exportable combination within the
-   budget tolerance (its note says "searched").
-2. ``separate``: for each trained budget, the one-shot sub-model of (1) distilled from the frozen parent
-   (forward KL on logits) on T / 4 tokens with a plain ``transformers.Trainer``; same LR, schedule and batch
-   as the elastic run (warmup scaled with the run length).
-3. ``flex``: one ``FlexTrainer`` run on T tokens (teacher = the parent, KD only), then extraction at the
-   trained budgets, at interpolated ones (router-chosen architectures), and at the architectures of (1)/(2).
-   Where ``architecture(b)`` replaced the routers' own argmax (budget missed, or not exportable), that argmax
-   is also measured, with the elastic model's sliced forward.
-4. ``flex_nomod``: (3) with ``use_modulation=False`` (the paper's Table 4 ablation), same starting weights.
-5. ``separate_router`` (control): as (2), but at the architectures that (3)'s routers exported.
+* ``oneshot``: ``from_llama(parent, calibration, score_data=...)`` (the quality-ranked search), then ``extract(b)``.
+* ``separate``: each trained budget's one-shot sub-model distilled from the frozen parent on T/N tokens.
+* LlamaFlex variants (``--variants``; ``<name>_nomod``: the same without modulation, same starting weights):
+  one ``FlexTrainer`` run on T tokens, then the trained budgets, a grid of ``--grid`` budgets from the smallest
+  trained budget to 1, the one-shot architectures, the routers' own picks and the modulation gains.
 
-Every number is the validation loss (mean nats/token over the first ``--eval_blocks`` held-out blocks) of the
-*extracted plain LlamaForCausalLM*, i.e. of what a user deploys (except the routers' argmax rows). Each
-method's results are written to ``<out>/results-<method>.json`` as soon as they exist; a rerun with
-``--reuse`` skips methods already done with the same settings. The tables go to ``<out>/tables.md`` and the
-plot to ``--plot`` (one row per run: this one, then any ``--also_plot`` folders).
+Losses are nats/token on the extracted plain ``LlamaForCausalLM``, per held-out block; every difference comes
+with its paired standard error over blocks. ``--json`` writes the summary (layout in bench/QUALITY.md), the
+tables go to ``<out>/tables.md``; ``--reuse`` skips methods whose ``<out>/results-<name>.json`` has the same settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, LlamaForCausalLM
 
+from bench.quality_methods import block_losses, mean, paired, router_interpolation, run_flex, run_oneshot, run_separate, se
 from modeling_llamaflex import LlamaFlexForCausalLM
-from modeling_llamaflex.architecture import Architecture, make_architecture, smallest_budget
-from training.arguments import FlexTrainingArguments
 from training.data import DataArguments, build_lm_datasets, lm_data_collator
-from training.trainer import FlexTrainer, distillation_loss
 
 logger = logging.getLogger("bench.quality")
-METHODS = ("oneshot", "separate", "flex", "flex_nomod", "separate_router")
-LABELS = {
-    "parent": "parent (4.23M)",
-    "oneshot": "1. one-shot pruning (no training)",
-    "separate": "2. pruned + distilled separately (T/4 each)",
-    "flex": "3. LlamaFlex (one run, T)",
-    "flex_nomod": "4. LlamaFlex without modulation (one run, T)",
-    "separate_router": "5. control: distilled separately at LlamaFlex's router architectures (T/4 each)",
+
+VARIANTS = {
+    # the defaults before issue 12 (training/configs/cpu.yaml): 80% soft mixtures, Gumbel hard samples, hard last 20%
+    "baseline": dict(full_budget_probability=0.25, hard_sample_probability=0.2, hard_phase_start=0.8,
+                     hard_samples="gumbel"),
+    # every sub-model sample trains exactly the sub-model that is exported; the full model as one of N + 1 sizes
+    "exported": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
+                     fit_routers="oneshot"),
+    # sandwich rule: every optimizer step trains the full model, the smallest budget and a random other one
+    "sandwich": dict(sampling_rule="sandwich", hard_sample_probability=1.0, hard_samples="exported",
+                     fit_routers="oneshot"),
+    # as "exported", with Flextron's one-hot router input and routers held on budget between trained budgets
+    "exported_onehot": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
+                            router_budget_embedding="onehot", router_budget_samples=4, fit_routers="oneshot"),
 }
 
 
-# ---------------------------------------------------------------- helpers
-
-def non_embedding_parameters(model: LlamaForCausalLM) -> int:
-    """Parameters outside the token embedding and the LM head (the parent's tied embedding is not counted)."""
-    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
-
-
-@torch.no_grad()
-def validation_loss(model, blocks: torch.Tensor, batch_size: int, **forward) -> float:
-    """Mean next-token cross-entropy (nats/token) over all predicted positions of `blocks` (fp32)."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start:start + batch_size]
-        logits = model(input_ids=ids, **forward).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
-    return total / count
+def variant(name: str) -> dict:
+    base = name[: -len("_nomod")] if name.endswith("_nomod") else name
+    if base not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}: one of {sorted(VARIANTS)} (or <name>_nomod)")
+    return {**VARIANTS[base], **({"use_modulation": False} if name.endswith("_nomod") else {})}
 
 
-def arch_fields(arch: Architecture) -> dict:
-    return {"hidden": arch.hidden, "heads": arch.heads, "mlp": arch.mlp, "depth": arch.depth,
-            "kept_layers": list(arch.kept_layers), "arch_parameters": arch.num_parameters,
-            "indices": dict(arch.indices), "note": arch.note}
+def fmt(loss, err=None) -> str:
+    return f"{loss:.4f}" if err is None else f"{loss:.4f} ± {err:.4f}"
 
 
-def evaluate_sub(flex, spec, blocks, args, **info) -> dict:
-    """Extract `spec` (a budget or an Architecture) as a plain Llama and measure it."""
-    arch = spec if isinstance(spec, Architecture) else flex.architecture(spec)
-    start = time.perf_counter()
-    sub = flex.extract(arch)
-    loss = validation_loss(sub, blocks, args.eval_batch_size)
-    params = non_embedding_parameters(sub)
-    if params != arch.num_parameters:  # the closed form and the real model must agree
-        raise RuntimeError(f"{arch}: extracted model has {params:,} non-embedding parameters")
-    row = {**info, **arch_fields(arch), "non_embedding_parameters": params,
-           "fraction_of_parent": params / flex.config.parent_parameters(), "val_loss": loss,
-           "eval_s": round(time.perf_counter() - start, 1)}
-    logger.info("  %s: %s -> val loss %.4f", info, arch, loss)
-    return row
+def diff(a: dict, b: dict) -> str:
+    d, e = paired(a["blocks"], b["blocks"])
+    return f"{d:+.4f} ± {e:.4f}"
 
 
-def save_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
+def line_check(res: dict, budgets: list[float]) -> list[dict]:
+    """Each grid budget against the straight line (in budget) between its trained neighbours (1 = the full model)."""
+    anchors = {b: res["rows"][f"{b:g}"] for b in budgets}
+    anchors[1.0] = res["grid"][f"{1.0:.4g}"]
+    points = sorted(anchors)
+    out, previous = [], None
+    for key, row in sorted(res["grid"].items(), key=lambda kv: float(kv[0])):
+        b = float(key)
+        lo = max((p for p in points if p <= b), default=points[0])
+        hi = min((p for p in points if p >= b), default=points[-1])
+        w = 0.0 if hi == lo else (b - lo) / (hi - lo)
+        line = [(1 - w) * x + w * y for x, y in zip(anchors[lo]["blocks"], anchors[hi]["blocks"])]
+        d, e = paired(row["blocks"], line)
+        step = None if previous is None else paired(row["blocks"], previous["blocks"])
+        out.append({"budget": b, "row": row, "line": mean(line), "above_line": d, "se": e, "step": step,
+                    "trained_neighbours": (lo, hi)})
+        previous = row
+    return out
 
 
-def log_history(trainer) -> list[dict]:
-    return [{k: v for k, v in entry.items()} for entry in trainer.state.log_history]
-
-
-class DistillationTrainer(Trainer):
-    """A plain `Trainer` whose loss is the forward KL from a frozen teacher's logits (method 2)."""
-
-    def __init__(self, *args, teacher=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
-        outputs = model(**forward)
-        with torch.no_grad():
-            teacher_logits = self.teacher(**forward).logits
-        loss = distillation_loss(outputs.logits, teacher_logits, forward["attention_mask"], 1.0)
-        return (loss, outputs) if return_outputs else loss
-
-
-def common_training_kwargs(args, output_dir: str, steps: int) -> dict:
-    """Identical optimisation settings for every trained method; warmup scales with the run length."""
-    warmup = max(1, round(args.warmup_steps * steps / args.steps))
-    return dict(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
-                learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=warmup,
-                weight_decay=0.0, max_grad_norm=1.0, logging_steps=args.logging_steps, save_strategy="no",
-                eval_strategy="no", report_to="none", dataloader_num_workers=0, seed=args.seed,
-                disable_tqdm=True, use_cpu=True)
-
-
-# ---------------------------------------------------------------- methods
-
-def run_oneshot(ctx, args) -> dict:
-    flex0, blocks = ctx["flex0"], ctx["val_blocks"]
-    rows = []
-    for b in args.budgets:
-        rows.append(evaluate_sub(flex0, b, blocks, args, budget=b, kind="explicit", chooser="search (untrained router)"))
-    for b in ctx["interpolated"]:
-        rows.append(evaluate_sub(flex0, b, blocks, args, budget=b, kind="other budget", chooser="search (untrained router)"))
-    return {"rows": rows}
-
-
-def run_separate(ctx, args, router_architectures: dict | None = None) -> dict:
-    """Method 2 at the one-shot architectures; with `router_architectures` (budget -> indices), the control 5."""
-    flex0, parent, data = ctx["flex0"], ctx["parent"], ctx["datasets"]
-    steps = max(1, round(args.steps / len(args.budgets)))
-    rows, histories, wall = [], {}, {}
-    chooser = "one-shot architecture" if router_architectures is None else "LlamaFlex router architecture"
-    for b in args.budgets:
-        if router_architectures is None:
-            arch = flex0.architecture(b)
-        else:
-            arch = make_architecture(flex0.config, router_architectures[b], budget=b, note="LlamaFlex router architecture")
-        student = flex0.extract(arch).train().requires_grad_(True)
-        set_seed(args.seed)
-        folder = f"separate-b{b:g}" if router_architectures is None else f"separate-router-b{b:g}"
-        targs = TrainingArguments(**common_training_kwargs(args, os.path.join(args.out, folder), steps))
-        trainer = DistillationTrainer(model=student, args=targs, teacher=parent, train_dataset=data["train"],
-                                      data_collator=ctx["collator"])
-        start = time.perf_counter()
-        result = trainer.train()
-        wall[f"{b:g}"] = round(time.perf_counter() - start, 1)
-        histories[f"{b:g}"] = log_history(trainer)
-        loss = validation_loss(student, ctx["val_blocks"], args.eval_batch_size)
-        params = non_embedding_parameters(student)
-        rows.append({"budget": b, "kind": "explicit", "chooser": chooser, **arch_fields(arch),
-                     "non_embedding_parameters": params, "fraction_of_parent": params / flex0.config.parent_parameters(),
-                     "val_loss": loss, "train_steps": steps, "train_tokens": steps * args.batch_size * args.block_size,
-                     "train_s": wall[f"{b:g}"], "train_metrics": result.metrics})
-        logger.info("separate b=%g: %s -> val loss %.4f (%.0f s)", b, arch, loss, wall[f"{b:g}"])
-        del trainer, student
-    return {"rows": rows, "train_s": wall, "steps_per_budget": steps,
-            "train_tokens": steps * len(args.budgets) * args.batch_size * args.block_size, "log_history": histories}
-
-
-def run_flex(ctx, args, use_modulation: bool) -> dict:
-    name = "flex" if use_modulation else "flex_nomod"
-    if use_modulation:
-        flex = copy.deepcopy(ctx["flex0"])
-    else:
-        torch.manual_seed(args.seed)
-        flex = LlamaFlexForCausalLM.from_llama(ctx["parent"], ctx["calibration"], progress=False,
-                                               budgets=args.budgets, use_modulation=False)
-        # the same starting point as `flex` (ranking, weights and router initialisation), modulation aside
-        shared = {k: v for k, v in ctx["flex0"].state_dict().items() if ".modulation." not in k}
-        flex.load_state_dict(shared, strict=True)
-    set_seed(args.seed)
-    targs = FlexTrainingArguments(
-        **common_training_kwargs(args, os.path.join(args.out, name), args.steps),
-        router_learning_rate=args.router_learning_rate, modulation_learning_rate=args.modulation_learning_rate,
-        distillation_weight=1.0, lm_loss_weight=0.0, full_budget_probability=args.full_budget_probability,
-        hard_sample_probability=args.hard_sample_probability, hard_phase_start=args.hard_phase_start,
-    )
-    trainer = FlexTrainer(model=flex, args=targs, teacher_model=ctx["parent"], train_dataset=ctx["datasets"]["train"],
-                          data_collator=ctx["collator"])
-    start = time.perf_counter()
-    result = trainer.train()
-    train_s = round(time.perf_counter() - start, 1)
-    flex.eval()
-    rows = []
-    for b in args.budgets:
-        rows.append(evaluate_sub(flex, b, ctx["val_blocks"], args, budget=b, kind="explicit", chooser="router"))
-    for b in ctx["interpolated"]:
-        kind = "interpolated" if min(args.budgets) <= b <= max(args.budgets) else "extrapolated"
-        rows.append(evaluate_sub(flex, b, ctx["val_blocks"], args, budget=b, kind=kind, chooser="router"))
-    # The routers' own argmax, when `architecture(b)` replaced it (it missed the budget tolerance, or its hidden
-    # size is not a multiple of its head count, which transformers.LlamaConfig refuses): measured with the
-    # elastic model's sliced forward, since it cannot be extracted. This is what hard samples trained.
-    for r in list(rows):
-        with torch.no_grad():
-            logits = flex.model.router(torch.tensor(r["budget"]))
-        raw = make_architecture(flex.config, {a: int(v.argmax()) for a, v in logits.items()}, budget=r["budget"])
-        if raw.indices == r["indices"]:
-            continue
-        loss = validation_loss(flex, ctx["val_blocks"], args.eval_batch_size, policy=flex.model.policy_for(architecture=raw))
-        exportable = raw.hidden % raw.heads == 0
-        rows.append({"budget": r["budget"], "kind": r["kind"], "chooser": "router argmax, sliced forward", **arch_fields(raw),
-                     "non_embedding_parameters": raw.num_parameters,
-                     "fraction_of_parent": raw.num_parameters / flex.config.parent_parameters(), "val_loss": loss,
-                     "exportable": exportable})
-        logger.info("  router argmax at %g (%s): %s -> val loss %.4f (sliced)", r["budget"],
-                    "exportable" if exportable else "NOT exportable", raw, loss)
-    for b in args.budgets:  # the one-shot / separate architectures, for a comparison at equal size
-        arch = make_architecture(flex.config, ctx["oneshot_arch"][b].indices, budget=b, note="one-shot architecture")
-        rows.append(evaluate_sub(flex, arch, ctx["val_blocks"], args, budget=b, kind="explicit", chooser="one-shot architecture"))
-    # the router's architectures with the untrained (one-shot) weights: is the choice or the training the gain?
-    untrained = [evaluate_sub(ctx["flex0"], make_architecture(ctx["flex0"].config, r["indices"], budget=r["budget"]),
-                              ctx["val_blocks"], args, budget=r["budget"], kind=r["kind"],
-                              chooser=f"{name} router architecture, one-shot weights")
-                 for r in rows if r["chooser"] == "router"]
-    full = validation_loss(flex, ctx["val_blocks"], args.eval_batch_size)
-    logger.info("%s: full model (b=1) val loss %.4f", name, full)
-    if args.save_models:
-        flex.save_pretrained(os.path.join(args.out, name, "model"))
-    return {"rows": rows, "oneshot_at_router_architectures": untrained, "train_s": train_s, "train_metrics": result.metrics, "full_model_val_loss": full,
-            "train_tokens": args.steps * args.batch_size * args.block_size,
-            "tokens_per_budget": {f"{b:g}": n for b, n in sorted(trainer.tokens_per_budget.items())},
-            "samples": trainer.sample_log, "architectures_at_end": trainer.architecture_report(),
-            "log_history": log_history(trainer)}
-
-
-# ---------------------------------------------------------------- report
-
-def fmt_row(row: dict, parent_loss: float, parent_layers: int) -> str:
-    layers = "" if row["depth"] == parent_layers else f" (layers {','.join(map(str, row['kept_layers']))})"
-    if row.get("exportable") is False:
-        layers += " **not exportable**"
-    return (f"| {row['budget']:g} | {row['kind']} | {row['chooser']} | {row['hidden']} / {row['heads']} / {row['mlp']} / "
-            f"{row['depth']}{layers} | {row['non_embedding_parameters']:,} ({row['fraction_of_parent']:.3f}) | "
-            f"{row['val_loss']:.4f} | {row['val_loss'] - parent_loss:+.4f} |")
-
-
-def tables(results: dict, meta: dict) -> str:
-    parent_loss = meta["parent_val_loss"]
-    head = ("| budget | kind | architecture from | hidden / heads / mlp / depth | non-emb. params (fraction) | "
-            "val loss | vs parent |\n|---:|---|---|---|---:|---:|---:|")
-    out = [f"Parent: {meta['parent_parameters']:,} non-embedding parameters, validation loss **{parent_loss:.4f}** "
-           f"(first {meta['eval_blocks']} validation blocks, {meta['eval_tokens']:,} predicted tokens). "
-           f"T = {meta['tokens_per_method']:,} training tokens per trained method. Wall time of the methods: "
-           + ", ".join(f"{m} {s:.0f} s" for m, s in meta["method_wall_s"].items()) + ".\n"]
-    for method in METHODS:
-        if method not in results:
-            continue
-        res = results[method]
-        extra = ""
-        if "train_s" in res:
-            t = res["train_s"] if not isinstance(res["train_s"], dict) else sum(res["train_s"].values())
-            extra = f" Training: {res['train_tokens']:,} tokens, {t:.0f} s."
-        if "full_model_val_loss" in res:
-            extra += f" Full model (b = 1) after training: {res['full_model_val_loss']:.4f}."
-        out.append(f"### {LABELS[method]}\n\n" + (f"{extra.strip()}\n\n" if extra else "") + head)
-        order = {"router": 0, "router argmax, sliced forward": 1}
-        layers = max(meta["choices"]["depth"])
-        out += [fmt_row(r, parent_loss, layers)
-                for r in sorted(res["rows"], key=lambda r: (order.get(r["chooser"], 2), r["kind"] != "explicit", r["budget"]))]
+def tables(results: dict, meta: dict, names: list[str]) -> str:
+    budgets = meta["budgets"]
+    out = [f"Parent: {meta['parent_label']}, held-out loss {fmt(meta['parent_loss'], meta['parent_se'])} on "
+           f"{meta['eval_blocks']} blocks x {meta['block_size']}; T = {meta['tokens_per_method']:,} tokens per trained method.\n"]
+    cols = [m for m in ("oneshot", "separate") if m in results] + names
+    out.append("| budget | " + " | ".join(f"{c}: arch" + ("" if c == "oneshot" else "") + f" | {c}: loss" for c in cols)
+               + "".join(f" | {n} − separate" for n in names if "separate" in results) + " |")
+    out.append("|---:|" + "---|---:|" * len(cols) + "---:|" * (len(names) if "separate" in results else 0))
+    for b in budgets:
+        k = f"{b:g}"
+        cells = []
+        for c in cols:
+            r = results[c]["rows"][k]
+            cells += [short_arch(r), fmt(r["loss"], r["se"])]
+        if "separate" in results:
+            cells += [diff(results[n]["rows"][k], results["separate"]["rows"][k]) for n in names]
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    out.append("")
+    for n in names:
+        res = results[n]
+        out.append(f"### {n}: {res['variant']}\n")
+        out.append(f"Full model {fmt(res['full_model']['loss'], res['full_model']['se'])}; samples {res['samples']}; "
+                   f"{res['optimizer_steps']} optimizer steps x {res['gradient_accumulation']} micro-batches; "
+                   f"{res['train_tokens']:,} tokens; train {res['train_s']:.0f} s; approx. {res['approx_train_flops']:.3g} "
+                   f"training FLOPs; routers agree with the export at every budget: **{res['router_agrees']}**.\n")
+        out.append("Token share of a separate run's T/N, per budget: " + ", ".join(
+            f"{b}: {s:.2f}" for b, s in res["token_share_of_separate"].items()) + f" (full model: "
+            f"{res['tokens_per_budget'].get('1', 0) / max(res['train_tokens'], 1):.2f} of all tokens).\n")
+        if "separate" in results:
+            out.append("At the one-shot architectures (equal sizes): " + ", ".join(
+                f"{k}: {fmt(r['loss'])} ({diff(r, results['separate']['rows'][k])} vs separate)"
+                for k, r in res["at_oneshot_architectures"].items()) + ".\n")
+        gains = res.get("modulation_gains") or {}
+        if any(gains.values()):
+            out.append("Modulation gains |g − 1| at the exported architectures (max / mean): " + ", ".join(
+                f"{k}: {g['max_abs']:.4f} / {g['mean_abs']:.4f}" for k, g in gains.items() if g) + ".\n")
+        out.append("| budget | fraction | exported arch | router's own pick | agree | loss | line between trained "
+                   "neighbours | above line | vs previous budget |")
+        out.append("|---:|---:|---|---|---|---:|---:|---:|---:|")
+        for c in line_check(res, budgets):
+            pick = res["picks"].get(f"{c['budget']:.4g}", {})
+            step = "" if c["step"] is None else f"{c['step'][0]:+.4f} ± {c['step'][1]:.4f}"
+            out.append(f"| {c['budget']:.4g} | {c['row']['fraction']:.3f} | {short_arch(c['row'])} | "
+                       f"{pick.get('router', 'parent')} | {pick.get('agree', True)} | {fmt(c['row']['loss'], c['row']['se'])} | "
+                       f"{c['line']:.4f} | {c['above_line']:+.4f} ± {c['se']:.4f} | {step} |")
+        worst = max((c["step"][0] for c in line_check(res, budgets) if c["step"] is not None), default=0.0)
+        above = max(c["above_line"] for c in line_check(res, budgets))
+        out.append(f"\nLargest rise from one grid budget to the next larger: {worst:+.4f}; largest excess over the line: {above:+.4f}.\n")
+    mods = [(n, n + "_nomod") for n in names if n + "_nomod" in results and not n.endswith("_nomod")]
+    for a, b in mods:
+        out.append(f"### Modulation ablation: {a} against {b} (same starting weights, same architectures)\n")
+        out.append("| budget | architecture | with modulation | without | without − with |")
+        out.append("|---:|---|---:|---:|---:|")
+        for k, r in results[a]["at_oneshot_architectures"].items():
+            s = results[b]["at_oneshot_architectures"][k]
+            out.append(f"| {k} | {short_arch(r)} | {fmt(r['loss'], r['se'])} | {fmt(s['loss'], s['se'])} | {diff(s, r)} |")
         out.append("")
-    # side by side at equal architectures
-    if "separate" in results:
-        cols = [m for m in METHODS if m in results and m != "separate_router"]
-        out.append("### Side by side at the one-shot architectures (equal size for every method)\n")
-        out.append("| budget | architecture (h / heads / mlp / depth) | non-emb. params | " + " | ".join(LABELS[m].split(" (")[0] for m in cols) + " |")
-        out.append("|---:|---|---:|" + "---:|" * len(cols))
-        for row in results["separate"]["rows"]:
-            b, cells = row["budget"], []
-            for m in cols:
-                match = [r for r in results[m]["rows"] if r["budget"] == b and r["kind"] == "explicit"
-                         and (m == "oneshot" or r["chooser"] == "one-shot architecture")]
-                cells.append(f"{match[0]['val_loss']:.4f}" if match else "-")
-            out.append(f"| {b:g} | {row['hidden']} / {row['heads']} / {row['mlp']} / {row['depth']} | "
-                       f"{row['non_embedding_parameters']:,} | " + " | ".join(cells) + " |")
-        out.append("")
-    if "flex" in results and "flex_nomod" in results:
-        out.append("### Modulation ablation: every sub-network side by side\n")
-        out.append("| budget | kind | architecture from | with modulation: arch, loss | without: arch, loss | without − with |")
-        out.append("|---:|---|---|---|---|---:|")
-        for r in results["flex"]["rows"]:
-            if r["chooser"] == "router argmax, sliced forward":
-                continue
-            match = [s for s in results["flex_nomod"]["rows"] if s["budget"] == r["budget"] and s["chooser"] == r["chooser"]]
-            if not match:
-                continue
-            s = match[0]
-            a = lambda x: f"{x['hidden']}/{x['heads']}/{x['mlp']}/{x['depth']}"
-            out.append(f"| {r['budget']:g} | {r['kind']} | {r['chooser']} | {a(r)}, {r['val_loss']:.4f} | "
-                       f"{a(s)}, {s['val_loss']:.4f} | {s['val_loss'] - r['val_loss']:+.4f} |")
-        out.append("")
-    if "flex" in results and "separate_router" in results:
-        out.append("### Side by side at LlamaFlex's router architectures (equal size: the training is the only difference)\n")
-        out.append("| budget | architecture (h / heads / mlp / depth) | non-emb. params | one-shot weights | "
-                   "distilled separately (T/4 each) | LlamaFlex (one run, T) | LlamaFlex − separate |")
-        out.append("|---:|---|---:|---:|---:|---:|---:|")
-        untrained = {(u["budget"], u["kind"]): u for u in results["flex"].get("oneshot_at_router_architectures", [])}
-        for r in results["separate_router"]["rows"]:
-            f = [x for x in results["flex"]["rows"] if x["budget"] == r["budget"] and x["chooser"] == "router"][0]
-            u = untrained.get((r["budget"], "explicit"))
-            out.append(f"| {r['budget']:g} | {r['hidden']} / {r['heads']} / {r['mlp']} / {r['depth']} | "
-                       f"{r['non_embedding_parameters']:,} | {u['val_loss']:.4f} | {r['val_loss']:.4f} | {f['val_loss']:.4f} | "
-                       f"{f['val_loss'] - r['val_loss']:+.4f} |" if u else "")
-        out.append("")
-    for method in ("flex", "flex_nomod"):
-        if method not in results or "oneshot_at_router_architectures" not in results[method]:
-            continue
-        out.append(f"### {LABELS[method].split(' (')[0]}: its router's architectures with one-shot (untrained) weights\n")
-        out.append("| budget | kind | hidden / heads / mlp / depth | non-emb. params | one-shot weights | after elastic training | gain |")
-        out.append("|---:|---|---|---:|---:|---:|---:|")
-        trained = [r for r in results[method]["rows"] if r["chooser"] == "router"]
-        for r, u in zip(trained, results[method]["oneshot_at_router_architectures"]):
-            out.append(f"| {r['budget']:g} | {r['kind']} | {r['hidden']} / {r['heads']} / {r['mlp']} / {r['depth']} | "
-                       f"{r['non_embedding_parameters']:,} | {u['val_loss']:.4f} | {r['val_loss']:.4f} | "
-                       f"{r['val_loss'] - u['val_loss']:+.4f} |")
+    if "router_interpolation" in results:
+        out.append("### Routers' own argmax between trained budgets, straight after conversion (fitted to the trained budgets)\n")
+        out.append("| embedding | on budget (±5%) | same as the nearest trained budget's |")
+        out.append("|---|---:|---:|")
+        for emb in ("sinusoidal", "onehot"):
+            r = results["router_interpolation"][emb]
+            out.append(f"| {emb} | {r['on_budget']} of {r['of']} | {r['same_as_nearest_trained']} of {r['of']} |")
         out.append("")
     return "\n".join(out)
 
 
-def load_run(folder: str) -> tuple[dict, dict]:
-    """The results and meta.json that an earlier run left in `folder`."""
-    results = {}
-    for method in METHODS:
-        path = os.path.join(folder, f"results-{method}.json")
-        if os.path.exists(path):
-            with open(path) as fh:
-                results[method] = json.load(fh)
-    with open(os.path.join(folder, "meta.json")) as fh:
-        return results, json.load(fh)
+def short_arch(r: dict) -> str:
+    return f"{r['hidden']}/{r['heads']}/{r['mlp']}/{r['depth']}" if "hidden" in r else "parent"
 
 
-def plot(runs: list[tuple[dict, dict]], path: str) -> None:
-    """One row of two panels (every method; trained methods zoomed) per run, e.g. two values of T."""
+def summary(results: dict, meta: dict, flex: str) -> dict:
+    """The layout of bench/results/quality_<parent>.json (issue 12)."""
+    loss = lambda name: {k: r["loss"] for k, r in results[name]["rows"].items()} if name in results else {}
+    out = {"parent": meta["parent"], "parent_loss": meta["parent_loss"], "tokens_per_method": meta["tokens_per_method"],
+           "methods": {"oneshot": loss("oneshot"), "separate": loss("separate"), "flex": loss(flex),
+                       "flex_no_modulation": loss(flex + "_nomod")},
+           "grid": {k: r["loss"] for k, r in results[flex]["grid"].items()} if flex in results else {},
+           "router_agrees": bool(results.get(flex, {}).get("router_agrees", False)),
+           "flex_variant": flex, "variant_settings": {n: results[n]["variant"] for n in results if "variant" in results[n]},
+           "variants": {n: loss(n) for n in results if "variant" in results[n]},
+           "standard_errors": {m: {k: r["se"] for k, r in results[m]["rows"].items()} for m in results if "rows" in results[m]},
+           "flex_minus_separate": {}, "meta": {k: v for k, v in meta.items() if k != "args"}}
+    if "separate" in results:
+        for n in out["variants"]:
+            out["flex_minus_separate"][n] = {k: paired(r["blocks"], results["separate"]["rows"][k]["blocks"])
+                                             for k, r in results[n]["rows"].items()}
+    return out
+
+
+def plot(results: dict, meta: dict, names: list[str], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {
-        "oneshot": dict(color="tab:gray", marker="s"),
-        "separate": dict(color="tab:blue", marker="o"),
-        "flex": dict(color="tab:red", marker="^"),
-        "flex_nomod": dict(color="tab:orange", marker="v"),
-        "separate_router": dict(color="tab:green", marker="D"),
-    }
-    suffix = {None: "", "router": ", router-chosen", "one-shot architecture": ", at the one-shot architectures",
-              "router argmax, sliced forward": ", routers' own argmax (sliced forward; mostly not exportable)"}
-    fig, grid = plt.subplots(len(runs), 2, figsize=(14, 5.2 * len(runs) + 0.9), squeeze=False)
-    for (results, meta), axes in zip(runs, grid):
-        for ax, zoom in zip(axes, (False, True)):
-            for method, res in results.items():
-                if method not in styles or (zoom and method == "oneshot"):
-                    continue
-                st = styles[method]
-                groups = [("router", "-"), ("one-shot architecture", "--"), ("router argmax, sliced forward", "")] \
-                    if method.startswith("flex") else [(None, "-")]
-                for chooser, ls in groups:
-                    rows = sorted((r for r in res["rows"] if chooser is None or r["chooser"] == chooser),
-                                  key=lambda r: r["non_embedding_parameters"])
-                    if not rows:
-                        continue
-                    x = [r["non_embedding_parameters"] / 1e6 for r in rows]
-                    y = [r["val_loss"] for r in rows]
-                    label = LABELS[method] + suffix[chooser]
-                    if not ls:  # the routers' own argmax: crosses, no line
-                        ax.plot(x, y, "x", color=st["color"], ms=8, mew=2, label=label)
-                        continue
-                    ax.plot(x, y, ls=ls, color=st["color"], label=label, alpha=0.9 if ls == "-" else 0.6)
-                    for r, xi, yi in zip(rows, x, y):
-                        hollow = r["kind"] != "explicit"
-                        ax.plot(xi, yi, st["marker"], color=st["color"], mfc="white" if hollow else st["color"],
-                                ms=7 if ls == "-" else 5, alpha=0.9 if ls == "-" else 0.6)
-            ax.axhline(meta["parent_val_loss"], color="black", ls=":",
-                       label=f"parent ({meta['parent_parameters'] / 1e6:.2f}M): {meta['parent_val_loss']:.3f}")
-            ax.set_xlabel("non-embedding parameters (M)")
-            ax.set_ylabel(f"validation loss (nats/token, {meta['eval_blocks']} held-out blocks)")
-            ax.grid(alpha=0.3)
-            ax.set_title(f"T = {meta['tokens_per_method']:,} tokens per method: "
-                         + ("all methods" if not zoom else "trained methods (zoom)"), fontsize=10)
-    handles, labels = grid[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle("Family quality at equal training tokens (filled: trained budgets; hollow: interpolated / other budgets)",
-                 fontsize=11)
-    fig.tight_layout(rect=(0, 0.9 / (5.2 * len(runs) + 0.9) * 1.6, 1, 1))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for m, st in (("oneshot", "s"), ("separate", "o")):
+        if m in results:
+            rows = sorted(results[m]["rows"].values(), key=lambda r: r["parameters"])
+            ax.plot([r["parameters"] / 1e6 for r in rows], [r["loss"] for r in rows], st + "-", label=m)
+    for n in names:
+        rows = sorted(results[n]["grid"].values(), key=lambda r: r["parameters"])
+        ax.plot([r["parameters"] / 1e6 for r in rows], [r["loss"] for r in rows], ".-", alpha=0.8, label=f"{n} (grid)")
+    ax.axhline(meta["parent_loss"], color="black", ls=":", label=f"{meta['parent_label']}: {meta['parent_loss']:.3f}")
+    ax.set_xlabel("non-embedding parameters (M)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(f"T = {meta['tokens_per_method']:,} tokens per method", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-# ---------------------------------------------------------------- main
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parent", default="runs/parent")
+    p.add_argument("--parent", default="runs/toy-parent")
     p.add_argument("--train_file", default=".cache/shakespeare/train.txt")
     p.add_argument("--validation_file", default=".cache/shakespeare/validation.txt")
     p.add_argument("--block_size", type=int, default=256)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.625, 0.75, 0.875])
-    p.add_argument("--interpolated", type=float, nargs="+", default=[0.45, 0.5625, 0.6875, 0.8125],
-                   help="untrained budgets to query (skipped with a note if the choices cannot reach them)")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps of each elastic run; the separate runs get steps/4 each")
+    p.add_argument("--grid", type=int, default=20, help="budgets from the smallest trained one to 1")
+    p.add_argument("--steps", type=int, default=480, help="micro-batches of each elastic run (T = steps x batch x block)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=3e-4)
     p.add_argument("--router_learning_rate", type=float, default=2e-3)
     p.add_argument("--modulation_learning_rate", type=float, default=2e-3)
-    p.add_argument("--warmup_steps", type=int, default=10, help="warmup of a --steps run; shorter runs scale it down")
-    p.add_argument("--full_budget_probability", type=float, default=0.25)
-    p.add_argument("--hard_sample_probability", type=float, default=0.2)
-    p.add_argument("--hard_phase_start", type=float, default=0.8)
+    p.add_argument("--warmup_steps", type=int, default=10)
     p.add_argument("--calibration_blocks", type=int, default=128)
-    p.add_argument("--eval_blocks", type=int, default=128, help="the first N validation blocks (same for every model)")
+    p.add_argument("--score_blocks", type=int, default=16, help="training blocks after the calibration ones")
+    p.add_argument("--eval_blocks", type=int, default=128)
     p.add_argument("--eval_batch_size", type=int, default=16)
-    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--logging_steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--reuse", action="store_true", help="skip methods whose results-<method>.json exists in --out")
-    p.add_argument("--save_models", action="store_true", help="also save the trained elastic models")
+    p.add_argument("--variants", nargs="+", default=["exported", "exported_nomod", "baseline", "sandwich", "exported_onehot"])
+    p.add_argument("--flex", default="exported", help="the variant reported as 'flex' in --json (the default recipe)")
+    p.add_argument("--skip", nargs="*", default=[], help="methods not to run: oneshot, separate, router_interpolation")
+    p.add_argument("--reuse", action="store_true")
     p.add_argument("--out", default="runs/bench-quality")
+    p.add_argument("--json", default="")
     p.add_argument("--plot", default="bench/quality.png")
-    p.add_argument("--also_plot", nargs="*", default=[], metavar="DIR",
-                   help="earlier runs' --out folders to draw as extra rows of the figure (e.g. a longer run)")
     args = p.parse_args(argv)
+    for name in args.variants:
+        variant(name)
 
     os.makedirs(args.out, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -460,88 +246,74 @@ def main(argv=None) -> dict:
     logging.getLogger("transformers").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-
     tokenizer = AutoTokenizer.from_pretrained(args.parent)
     data = build_lm_datasets(DataArguments(train_file=args.train_file, validation_file=args.validation_file,
                                            block_size=args.block_size), tokenizer)
     val_blocks = torch.tensor(data["validation"][: args.eval_blocks]["input_ids"])
-    calibration = torch.tensor(data["train"][: args.calibration_blocks]["input_ids"])
+    c, s = args.calibration_blocks, args.score_blocks
+    calibration = torch.tensor(data["train"][:c]["input_ids"])
+    score = torch.tensor(data["train"][c:c + s]["input_ids"])
     parent = LlamaForCausalLM.from_pretrained(args.parent, dtype=torch.float32).eval()
-    parent_loss = validation_loss(parent, val_blocks, args.eval_batch_size)
+    parent_blocks = block_losses(parent, val_blocks, args.eval_batch_size)
     torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    flex0 = LlamaFlexForCausalLM.from_llama(parent, calibration, progress=False, budgets=args.budgets)
-    convert_s = time.perf_counter() - start
-    low = smallest_budget(flex0.config)
-    interpolated = [b for b in args.interpolated if b >= low]
-    if len(interpolated) < len(args.interpolated):
-        logger.warning("skipping budgets below the smallest reachable (%.4f): %s", low,
-                       [b for b in args.interpolated if b < low])
-    tokens = args.steps * args.batch_size * args.block_size
-    meta = {
-        "command": "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": vars(args), "parent_parameters": flex0.config.parent_parameters(), "parent_val_loss": parent_loss,
-        "eval_blocks": len(val_blocks), "eval_tokens": int(val_blocks[:, 1:].numel()), "tokens_per_method": tokens,
-        "choices": flex0.config.choices, "layer_ranking": flex0.config.layer_ranking, "smallest_budget": low,
-        "interpolated": interpolated, "convert_s": round(convert_s, 1), "torch_threads": torch.get_num_threads(),
-        "load_average_start": os.getloadavg(), "torch": torch.__version__,
-    }
-    logger.info("parent val loss %.4f on %d blocks; T = %d tokens per method; choices %s", parent_loss, len(val_blocks),
-                tokens, flex0.config.choices)
-    ctx = {"parent": parent, "flex0": flex0, "datasets": data, "val_blocks": val_blocks, "calibration": calibration,
-           "collator": lm_data_collator(tokenizer), "interpolated": interpolated,
-           "oneshot_arch": {b: flex0.architecture(b) for b in args.budgets}}
-
-    # what a stored result must have been made with to be reused
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("methods", "reuse", "save_models", "out", "plot", "also_plot", "threads")}
-    results, walls = {}, {}
-    for method in METHODS:
-        path = os.path.join(args.out, f"results-{method}.json")
+    converted = os.path.join(args.out, "converted.pt")  # conversion takes minutes on busy cores: kept for --reuse
+    if args.reuse and os.path.exists(converted):
+        flex0 = torch.load(converted, weights_only=False)
+    else:
+        flex0 = LlamaFlexForCausalLM.from_llama(parent, calibration, score_data=score, progress=False, budgets=args.budgets)
+        torch.save(flex0, converted)
+    P = flex0.config.parent_parameters()
+    low = min(args.budgets)
+    grid = [low + (1 - low) * i / (args.grid - 1) for i in range(args.grid)]
+    meta = {"command": "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "parent": os.path.basename(os.path.normpath(args.parent)), "parent_parameters": P,
+            "parent_label": f"parent ({P / 1e6:.2f}M non-embedding)", "parent_loss": mean(parent_blocks),
+            "parent_se": se(parent_blocks), "budgets": args.budgets, "grid": grid, "eval_blocks": len(val_blocks),
+            "block_size": args.block_size, "tokens_per_method": args.steps * args.batch_size * args.block_size,
+            "choices": flex0.config.choices, "layer_ranking": flex0.config.layer_ranking, "torch": torch.__version__}
+    logger.info("parent loss %.4f; T = %d; one-shot: %s", meta["parent_loss"], meta["tokens_per_method"],
+                {b: str(flex0.architecture(b)) for b in args.budgets})
+    ctx = {"parent": parent, "flex0": flex0, "train": data["train"], "val_blocks": val_blocks, "grid": grid,
+           "collator": lm_data_collator(tokenizer), "oneshot_arch": {b: flex0.architecture(b) for b in args.budgets}}
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "flex", "skip", "reuse", "out", "json", "plot", "threads")}
+    results = {}
+    todo = [m for m in ("oneshot", "separate", "router_interpolation") if m not in args.skip] + list(args.variants)
+    for name in todo:
+        path = os.path.join(args.out, f"results-{name}.json")
         if args.reuse and os.path.exists(path):
             with open(path) as fh:
                 stored = json.load(fh)
             if stored.get("settings") == settings:
-                results[method] = stored
+                results[name] = stored
                 logger.info("reusing %s", path)
                 continue
-            logger.warning("not reusing %s: it was made with other settings", path)
-        if method not in args.methods:
-            continue
-        logger.info("==== %s (load average %s)", method, os.getloadavg())
+        logger.info("==== %s (load average %s)", name, os.getloadavg())
         start = time.perf_counter()
-        if method == "oneshot":
+        if name == "oneshot":
             res = run_oneshot(ctx, args)
-        elif method == "separate":
+        elif name == "separate":
             res = run_separate(ctx, args)
-        elif method == "separate_router":
-            if "flex" not in results:
-                logger.warning("separate_router needs the flex results (run the flex method first); skipped")
-                continue
-            res = run_separate(ctx, args, {r["budget"]: r["indices"] for r in results["flex"]["rows"]
-                                           if r["chooser"] == "router" and r["kind"] == "explicit"})
+        elif name == "router_interpolation":
+            res = router_interpolation(ctx, args)
         else:
-            res = run_flex(ctx, args, use_modulation=method == "flex")
-        res["settings"] = settings
-        res["wall_s"] = round(time.perf_counter() - start, 1)
-        res["load_average_end"] = os.getloadavg()
-        results[method] = res
-        walls[method] = res["wall_s"]
-        save_json(path, res)
-        logger.info("==== %s done in %.0f s -> %s", method, res["wall_s"], path)
-
+            res = run_flex(ctx, args, name, variant(name))
+        res["settings"], res["wall_s"], res["load_average"] = settings, round(time.perf_counter() - start, 1), os.getloadavg()
+        results[name] = res
+        with open(path + ".tmp", "w") as fh:
+            json.dump(res, fh)
+        os.replace(path + ".tmp", path)
+        logger.info("==== %s done in %.0f s", name, res["wall_s"])
+    names = [n for n in args.variants if n in results]
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
-    meta["method_wall_s"] = {m: r.get("wall_s") for m, r in results.items()}
-    meta["methods_wall_s_total"] = round(sum(r.get("wall_s") or 0 for r in results.values()), 1)
-    meta["load_average_end"] = os.getloadavg()
-    save_json(os.path.join(args.out, "meta.json"), meta)
-    text = tables(results, meta)
+    text = tables(results, meta, names)
     with open(os.path.join(args.out, "tables.md"), "w") as fh:
         fh.write(text + "\n")
-    if args.plot:
-        plot([(results, meta)] + [load_run(folder) for folder in args.also_plot], args.plot)
+    if args.json and args.flex in results:
+        with open(args.json, "w") as fh:
+            json.dump(summary(results, meta, args.flex), fh, indent=1)
+    if args.plot and names:
+        plot(results, meta, names, args.plot)
     print(text)
-    logger.info("total wall time %.0f s; tables in %s, plot in %s", meta["wall_s"], os.path.join(args.out, "tables.md"), args.plot)
     return {"meta": meta, "results": results}
 
 

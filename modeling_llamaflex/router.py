@@ -1,6 +1,7 @@
-"""Budget routers (DESIGN.md §3.3): budget → one architecture choice per axis.
+"""Budget routers (docs/design.md, "Routers"): budget → one architecture choice per axis.
 
-A shared embedding E(b) of the scalar budget (sinusoidal features, then a learned layer), then per axis a
+A shared embedding E(b) of the scalar budget (sinusoidal features, or Flextron's one-hot over the trained budgets
+blended linearly between neighbours; then a learned layer), then per axis a
 2-layer MLP giving logits over that axis's choices. Training samples with Gumbel-Softmax at temperature τ
 on logits scaled by κ (soft, or hard with a straight-through one-hot); inference takes the argmax.
 """
@@ -29,6 +30,21 @@ def sinusoidal(x: torch.Tensor, dim: int, max_frequency: float = 1000.0) -> torc
 BUDGET_MAX_FREQUENCY = 10.0
 
 
+def budget_blend(budget: torch.Tensor, anchors: list[float]) -> torch.Tensor:
+    """Flextron's router input: the one-hot of `budget` over the sorted `anchors` (the trained budgets and 1); a
+    budget between two anchors gets the linear blend of their one-hots, one outside them the nearest's one-hot."""
+    points = torch.tensor(anchors, dtype=torch.float32, device=budget.device)
+    b = budget.to(torch.float32).reshape(()).clamp(points[0], points[-1])
+    upper = int(torch.searchsorted(points, b.detach()).clamp(1, len(anchors) - 1)) if len(anchors) > 1 else 0
+    out = torch.zeros(len(anchors), dtype=torch.float32, device=budget.device)
+    if len(anchors) == 1:
+        return out + 1.0
+    lo, hi = points[upper - 1], points[upper]
+    w = (b - lo) / (hi - lo)
+    out = out.index_put((torch.tensor(upper - 1, device=budget.device),), 1.0 - w)
+    return out.index_put((torch.tensor(upper, device=budget.device),), w, accumulate=True)
+
+
 class BudgetRouter(nn.Module):
     """Shared budget embedding plus one logit MLP per elastic axis."""
 
@@ -36,7 +52,9 @@ class BudgetRouter(nn.Module):
         super().__init__()
         e, h = config.router_embed_dim, config.router_hidden_dim
         self.embed_dim = e
-        self.embed = nn.Linear(e, e)
+        self.mode = config.router_budget_embedding
+        self.anchors = sorted(set(float(b) for b in (config.budgets or [])) | {1.0})
+        self.embed = nn.Linear(len(self.anchors) if self.mode == "onehot" else e, e)
         self.heads = nn.ModuleDict(
             {axis: nn.Sequential(nn.Linear(e, h), nn.SiLU(), nn.Linear(h, len(config.choices[axis]))) for axis in AXES}
         )
@@ -51,7 +69,10 @@ class BudgetRouter(nn.Module):
     def forward(self, budget: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per axis for a scalar budget tensor."""
         dtype = self.embed.weight.dtype
-        features = sinusoidal(budget.reshape(()), self.embed_dim, max_frequency=BUDGET_MAX_FREQUENCY).to(dtype)
+        if self.mode == "onehot":
+            features = budget_blend(budget, self.anchors).to(dtype)
+        else:
+            features = sinusoidal(budget.reshape(()), self.embed_dim, max_frequency=BUDGET_MAX_FREQUENCY).to(dtype)
         shared = F.silu(self.embed(features))
         return {axis: normalize_logits(head(shared)) for axis, head in self.heads.items()}
 
@@ -90,4 +111,4 @@ def gumbel_softmax(
     return one_hot - soft.detach() + soft
 
 
-__all__ = ["BudgetRouter", "gumbel_softmax", "routers_trained", "sinusoidal"]
+__all__ = ["BudgetRouter", "budget_blend", "gumbel_softmax", "routers_trained", "sinusoidal"]

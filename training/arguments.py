@@ -50,6 +50,22 @@ class FlexArguments:
         default=None,
         metadata={"help": "Relative sampling weights of the trained budgets (in their order); default uniform."},
     )
+    sampling_rule: str = field(
+        default="random",
+        metadata={"help": "'random': each micro-step draws the full model (full_budget_probability) or a budget "
+                  "(budget_weights). 'sandwich': micro-steps cycle largest (full), smallest, random other budget "
+                  "(use gradient_accumulation_steps a multiple of 3)."},
+    )
+    hard_samples: str = field(
+        default="gumbel",
+        metadata={"help": "What a hard sample trains: 'gumbel' (straight-through Gumbel one-hot, a random nearby "
+                  "architecture) or 'exported' (exactly architecture(b), the sub-model that is exported)."},
+    )
+    router_budget_samples: int = field(
+        default=0,
+        metadata={"help": "Extra budgets per step, uniform between the smallest trained budget and 1, at which the "
+                  "routers' budget loss is added (no LLM forward): routers that stay on budget between trained ones."},
+    )
     sampling_seed: int = field(
         default=1234, metadata={"help": "Seed of the budget / Gumbel stream; every rank draws the same from (seed, step)."}
     )
@@ -85,12 +101,16 @@ class FlexArguments:
             "distillation_temperature": self.distillation_temperature > 0,
             "lora_r": self.lora_r >= 0,
             "lora_dropout": 0 <= self.lora_dropout < 1,
+            "sampling_rule": self.sampling_rule in ("random", "sandwich"),
+            "hard_samples": self.hard_samples in ("gumbel", "exported"),
+            "router_budget_samples": self.router_budget_samples >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
                 f"invalid {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}: probabilities and fractions lie in "
-                "[0, 1], temperatures are positive, the decay lies in (0, 1], lora_r is 0 (off) or a positive rank"
+                "[0, 1], temperatures are positive, the decay lies in (0, 1], lora_r is 0 (off) or a positive rank, "
+                "sampling_rule is random or sandwich, hard_samples gumbel or exported, router_budget_samples >= 0"
             )
         if self.budget_weights is not None and (not self.budget_weights or min(self.budget_weights) < 0 or sum(self.budget_weights) <= 0):
             raise ValueError(f"budget_weights must be non-negative with a positive sum, got {self.budget_weights}")

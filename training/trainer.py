@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from modeling_llamaflex import parse_budget
+from modeling_llamaflex import budget_loss, expected_parameters, parse_budget
 from modeling_llamaflex.lora import add_lora as elastic_add_lora
 from modeling_llamaflex.lora import flex_model, has_peft_layers, merged_state_dict
 from modeling_llamaflex.router import BudgetRouter
@@ -51,19 +51,45 @@ def parameter_group(name: str) -> str:
 
 
 class BudgetSampler:
-    """Draws (budget, hard?) and a Gumbel generator from (seed, step, micro-step): the same on every rank."""
+    """Draws (budget, hard?) and a Gumbel generator from (seed, step, micro-step): the same on every rank.
 
-    def __init__(self, budgets: list[float], weights: list[float] | None, full_probability: float, seed: int):
+    rule "random": the full model with `full_probability`, else a trained budget by `weights`.
+    rule "sandwich" (BigNAS / OFA / MatFormer): the micro-steps of an optimizer step cycle through the largest
+    (the full model), the smallest trained budget and a random other trained budget (by `weights`), so that
+    with gradient accumulation a multiple of 3 every step trains all three; `full_probability` is unused.
+    """
+
+    RULES = ("random", "sandwich")
+
+    def __init__(self, budgets: list[float], weights: list[float] | None, full_probability: float, seed: int,
+                 rule: str = "random"):
         if weights is not None and len(weights) != len(budgets):
             raise ValueError(f"budget_weights has {len(weights)} entries but the model has {len(budgets)} budgets {budgets}")
+        if rule not in self.RULES:
+            raise ValueError(f"sampling_rule must be one of {self.RULES}, got {rule!r}")
         self.budgets = list(budgets)
         self.weights = torch.tensor(weights if weights is not None else [1.0] * len(budgets), dtype=torch.float64)
         self.full_probability = full_probability
         self.seed = seed
+        self.rule = rule
+        self._smallest = min(range(len(self.budgets)), key=lambda i: self.budgets[i]) if self.budgets else None
 
     def sample(self, step: int, micro: int, hard_probability: float) -> tuple[float, bool, torch.Generator]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + micro)
         u_full, u_hard = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        if self.rule == "sandwich" and self.budgets:
+            position, smallest = micro % 3, self._smallest
+            if position == 0:
+                budget = 1.0
+            elif position == 1 or len(self.budgets) == 1:
+                budget = self.budgets[smallest]
+            else:
+                weights = self.weights.clone()
+                weights[smallest] = 0.0
+                if weights.sum() <= 0:
+                    weights = torch.ones_like(weights)
+                budget = self.budgets[int(torch.multinomial(weights, 1, generator=generator))]
+            return budget, u_hard < hard_probability, generator
         index = int(torch.multinomial(self.weights, 1, generator=generator))
         budget = 1.0 if (u_full < self.full_probability or not self.budgets) else self.budgets[index]
         return budget, u_hard < hard_probability, generator
@@ -136,7 +162,8 @@ class FlexTrainingMixin:
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, SCHEDULES):
                 callback.trainer = self
-        self.sampler = BudgetSampler(self.budgets, args.budget_weights, args.full_budget_probability, args.sampling_seed)
+        self.sampler = BudgetSampler(self.budgets, args.budget_weights, args.full_budget_probability, args.sampling_seed,
+                                     args.sampling_rule)
         if args.freeze_llm:
             for name, p in self.model.named_parameters():
                 if parameter_group(name) == "llm":
@@ -273,10 +300,23 @@ class FlexTrainingMixin:
         micro = self._next_micro(step)
         budget, hard, generator = self.sampler.sample(step, micro, self.hard_sample_probability)
         self.sample_log.append((step, micro, budget, bool(hard)))
-        if budget < 1.0 or args.freeze_llm:  # (a frozen LLM at b = 1 has only the routers left to train)
+        exported = hard and budget < 1.0 and args.hard_samples == "exported"
+        if exported:  # the very sub-model `architecture(b)` exports (no Gumbel noise), sliced
+            with torch.no_grad(), gathered(self.flex.model.router):
+                arch = self.flex.architecture(budget)
+            forward["architecture"] = arch
+        elif budget < 1.0 or args.freeze_llm:  # (a frozen LLM at b = 1 has only the routers left to train)
             forward.update(budget=budget, route_mode="hard" if hard else "soft", generator=generator,
                            gumbel_temperature=self.gumbel_temperature, logit_scale=self.logit_scale)
         outputs = model(**forward, labels=labels if args.lm_loss_weight > 0 else None)
+        if exported and args.router_learning_rate > 0:  # the routers still learn their budget at this budget
+            outputs.budget_loss, outputs.expected_parameters = self._router_budget_loss(budget, generator)
+        if args.router_budget_samples and args.router_learning_rate > 0 and outputs.budget_loss is not None:
+            # Flextron-style: the routers also meet budgets between the trained ones (budget loss only, no forward)
+            low = min(self.budgets) if self.budgets else 1.0
+            for u in torch.rand(args.router_budget_samples, generator=generator, dtype=torch.float64).tolist():
+                extra, _ = self._router_budget_loss(low + (1.0 - low) * u, generator)
+                outputs.budget_loss = outputs.budget_loss + extra / args.router_budget_samples
         if outputs.budget_loss is not None and args.router_learning_rate > 0:  # from now on the routers choose
             for router in self._routers:
                 router.trained_steps.fill_(self._router_steps_before + step + 1)
@@ -302,6 +342,11 @@ class FlexTrainingMixin:
         tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.tokens_per_budget[budget] += tokens * max(1, args.world_size)
         return (loss, outputs) if return_outputs else loss
+
+    def _router_budget_loss(self, budget: float, generator: torch.Generator):
+        """Budget loss (and expected size) of the routers' soft Gumbel policy at `budget`, without an LLM forward."""
+        policy = self.flex.route(budget, "soft", generator, temperature=self.gumbel_temperature, logit_scale=self.logit_scale)
+        return budget_loss(self.flex.config, policy.probs, budget), expected_parameters(self.flex.config, policy.probs)
 
     # ---- logging ----
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
