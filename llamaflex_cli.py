@@ -3,6 +3,7 @@
     llamaflex convert --parent PARENT --out FLEX_DIR        # = python -m modeling_llamaflex convert ...
     llamaflex architecture | extract | parent ...           # = python -m modeling_llamaflex ...
     llamaflex train training/configs/cpu.yaml [--flag value ...]   # = python training/run.py ...
+    llamaflex serve FLEX_DIR [--port 8000 ...]               # = python -m serving ... (docs/serving.md)
 
 It lives outside `modeling_llamaflex` on purpose: the model package (copied into every checkpoint) imports
 nothing from `training`.
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: llamaflex {convert,architecture,extract,parent,train} ...
+USAGE = """usage: llamaflex {convert,architecture,extract,parent,train,serve} ...
 
   convert, architecture, extract, parent   the model commands (llamaflex <command> --help)
   train                                    elastic training: training/run.py's arguments (llamaflex train --help)
+  serve                                    the OpenAI API for every budget, one copy of the weights (llamaflex serve --help)
 """
 
 
@@ -31,6 +33,11 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.argv = ["llamaflex train", *argv[1:]]  # HfArgumentParser's usage line
         run.main(argv[1:])
+        return
+    if argv[0] == "serve":
+        from serving.__main__ import main as serve_main
+
+        serve_main(argv[1:], prog="llamaflex serve")
         return
     from modeling_llamaflex.__main__ import main as model_main
 

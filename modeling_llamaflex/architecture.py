@@ -81,7 +81,7 @@ def full_architecture(config: LlamaFlexConfig, **info) -> Architecture:
     return make_architecture(config, {axis: len(config.choices[axis]) - 1 for axis in AXES}, **info)
 
 
-def _grid(config: LlamaFlexConfig):
+def exportable_grid(config: LlamaFlexConfig):
     """Every exportable combination of choices with its parameter count (the product space is small)."""
     choices = config.choices
     for combo in itertools.product(*(range(len(choices[a])) for a in AXES)):
@@ -93,13 +93,13 @@ def _grid(config: LlamaFlexConfig):
 
 def smallest_budget(config: LlamaFlexConfig) -> float:
     """The smallest budget any exportable architecture reaches, as a fraction of the parent."""
-    return min(p for _, p in _grid(config)) / config.parent_parameters()
+    return min(p for _, p in exportable_grid(config)) / config.parent_parameters()
 
 
 def candidates(config: LlamaFlexConfig, budget: float) -> list[tuple[dict[str, int], int]]:
     """Exportable combinations within the budget tolerance, largest first."""
     target, tol = budget * config.parent_parameters(), config.budget_tolerance
-    within = [(idx, p) for idx, p in _grid(config) if abs(p / target - 1) <= tol]
+    within = [(idx, p) for idx, p in exportable_grid(config) if abs(p / target - 1) <= tol]
     return sorted(within, key=lambda ip: (-ip[1], -ip[0]["depth"], -ip[0]["hidden"]))
 
 
@@ -178,7 +178,7 @@ def search_architecture(
         rule = "best router score" if scores is not None else "largest (no quality scores)"
         return best, f"{rule} of {len(within)} candidates within ±{tol:g}"
     target = budget * config.parent_parameters()
-    under = [(idx, p) for idx, p in _grid(config) if p <= target * (1 + tol)]
+    under = [(idx, p) for idx, p in exportable_grid(config) if p <= target * (1 + tol)]
     if not under:
         raise ValueError(
             f"budget {budget:g} cannot be reached: the smallest sub-model these choices allow keeps "
