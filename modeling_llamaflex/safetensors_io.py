@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 from transformers.utils import cached_file
 
+from .slicing import Ranges
+
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
