@@ -32,70 +32,74 @@ def _head_ranges(config: LlamaFlexConfig, heads: int) -> Ranges:
     return [(g * block, g * block + kept) for g in range(n_kv)]
 
 
+# Every tensor of a sub-model, by the dimension each of its axes runs along: "hidden", "mlp", "heads" (query
+# heads, a prefix within every KV group), "kv" and "vocab" (kept whole). A vector has no column axis. The third
+# entry is the modulation gain folded into it (0: attention branch, 1: MLP branch).
+_LAYER_TENSORS = {
+    "input_layernorm.weight": ("hidden", None, None),
+    "post_attention_layernorm.weight": ("hidden", None, None),
+    "self_attn.q_proj.weight": ("heads", "hidden", None),
+    "self_attn.k_proj.weight": ("kv", "hidden", None),
+    "self_attn.v_proj.weight": ("kv", "hidden", None),
+    "self_attn.o_proj.weight": ("hidden", "heads", 0),
+    "mlp.gate_proj.weight": ("mlp", "hidden", None),
+    "mlp.up_proj.weight": ("mlp", "hidden", None),
+    "mlp.down_proj.weight": ("hidden", "mlp", 1),
+}
+_ATTENTION_BIASES = {
+    "self_attn.q_proj.bias": ("heads", None, None),
+    "self_attn.k_proj.bias": ("kv", None, None),
+    "self_attn.v_proj.bias": ("kv", None, None),
+    "self_attn.o_proj.bias": ("hidden", None, 0),
+}
+_MLP_BIASES = {"mlp.gate_proj.bias": ("mlp", None, None), "mlp.up_proj.bias": ("mlp", None, None),
+               "mlp.down_proj.bias": ("hidden", None, 1)}
+
+
+def _tensors(config: LlamaFlexConfig, layers) -> dict[str, tuple[str, str | None, int | None, int | None]]:
+    """{name: (row axis, column axis, gain, parent layer)} of every tensor a sub-model keeping `layers` has,
+    in `LlamaForCausalLM` names of the sub-model (its layers renumbered from 0)."""
+    per_layer = dict(_LAYER_TENSORS)
+    per_layer.update(_ATTENTION_BIASES if config.attention_bias else {})
+    per_layer.update(_MLP_BIASES if config.mlp_bias else {})
+    out = {"model.embed_tokens.weight": ("vocab", "hidden", None, None)}
+    for new, layer in enumerate(layers):
+        out.update({f"model.layers.{new}.{name}": (*axes, layer) for name, axes in per_layer.items()})
+    out["model.norm.weight"] = ("hidden", None, None, None)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = ("vocab", "hidden", None, None)
+    return out
+
+
+def _parent_name(name: str, layer: int | None) -> str:
+    """The parent's name of a sub-model tensor (layer `layer` of the parent)."""
+    return name if layer is None else "model.layers.{}.{}".format(layer, name.split(".", 3)[3])
+
+
 def sub_model_tensors(
     config: LlamaFlexConfig, arch: Architecture, reader: Reader, gains: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """The state dict, in `LlamaForCausalLM` names, of the sub-model `arch`; `gains` (2, L) are folded."""
-    h, f = [(0, arch.hidden)], [(0, arch.mlp)]
-    heads = _head_ranges(config, arch.heads)
-    out = {"model.embed_tokens.weight": reader("model.embed_tokens.weight", None, h)}
-    specs = {  # name: (rows, cols, which gain)
-        "input_layernorm.weight": (h, None, None),
-        "post_attention_layernorm.weight": (h, None, None),
-        "self_attn.q_proj.weight": (heads, h, None),
-        "self_attn.k_proj.weight": (None, h, None),
-        "self_attn.v_proj.weight": (None, h, None),
-        "self_attn.o_proj.weight": (h, heads, 0),
-        "mlp.gate_proj.weight": (f, h, None),
-        "mlp.up_proj.weight": (f, h, None),
-        "mlp.down_proj.weight": (h, f, 1),
-    }
-    if config.attention_bias:
-        specs.update({
-            "self_attn.q_proj.bias": (heads, None, None),
-            "self_attn.k_proj.bias": (None, None, None),
-            "self_attn.v_proj.bias": (None, None, None),
-            "self_attn.o_proj.bias": (h, None, 0),
-        })
-    if config.mlp_bias:
-        specs.update({
-            "mlp.gate_proj.bias": (f, None, None),
-            "mlp.up_proj.bias": (f, None, None),
-            "mlp.down_proj.bias": (h, None, 1),
-        })
-    for new, layer in enumerate(arch.kept_layers):
-        for name, (rows, cols, which) in specs.items():
-            tensor = reader(f"model.layers.{layer}.{name}", rows, cols)
-            if gains is not None and which is not None:
-                tensor = (tensor.float() * gains[which, layer].float()).to(tensor.dtype)
-            out[f"model.layers.{new}.{name}"] = tensor
-    out["model.norm.weight"] = reader("model.norm.weight", h, None)
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = reader("lm_head.weight", None, h)
+    ranges = {"hidden": [(0, arch.hidden)], "mlp": [(0, arch.mlp)], "heads": _head_ranges(config, arch.heads),
+              "kv": None, "vocab": None, None: None}
+    out = {}
+    for name, (rows, cols, which, layer) in _tensors(config, arch.kept_layers).items():
+        tensor = reader(_parent_name(name, layer), ranges[rows], ranges[cols])
+        if gains is not None and which is not None:
+            tensor = (tensor.float() * gains[which, layer].float()).to(tensor.dtype)
+        out[name] = tensor
     return out
 
 
 def full_shapes(config: LlamaFlexConfig, layers) -> dict[str, tuple[int, ...]]:
-    """The parent-size shape of every tensor a sub-model keeping `layers` reads (`sub_model_tensors`' names)."""
-    d, h, f, v = config.head_dim, config.hidden_size, config.intermediate_size, config.vocab_size
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    specs = {
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, q),
-        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    """The parent-size shape of every parent tensor a sub-model keeping `layers` reads."""
+    d = config.head_dim
+    size = {"hidden": config.hidden_size, "mlp": config.intermediate_size, "heads": config.num_attention_heads * d,
+            "kv": config.num_key_value_heads * d, "vocab": config.vocab_size}
+    return {
+        _parent_name(name, layer): tuple(size[axis] for axis in (rows, cols) if axis is not None)
+        for name, (rows, cols, _, layer) in _tensors(config, sorted(layers)).items()
     }
-    if config.attention_bias:
-        specs.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-                      "self_attn.o_proj.bias": (h,)})
-    if config.mlp_bias:
-        specs.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,), "mlp.down_proj.bias": (h,)})
-    out = {"model.embed_tokens.weight": (v, h)}
-    out.update({f"model.layers.{layer}.{name}": shape for layer in layers for name, shape in specs.items()})
-    out["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = (v, h)
-    return out
 
 
 def _take(tensor: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:

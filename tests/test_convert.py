@@ -31,7 +31,7 @@ def test_converted_model_gives_the_parents_logits(tied, input_ids):
         assert flex.lm_head.weight is flex.model.embed_tokens.weight
 
 
-def test_converted_model_with_rope_scaling_and_biases(input_ids):
+def test_converted_model_with_rope_scaling_and_biases(input_ids, tmp_path):
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
     llama = tiny_llama(rope_parameters=rope, attention_bias=True, mlp_bias=True)
@@ -43,6 +43,9 @@ def test_converted_model_with_rope_scaling_and_biases(input_ids):
     torch.testing.assert_close(flex(input_ids).logits, llama(input_ids).logits, atol=ATOL, rtol=0)
     sub = flex.extract(0.6)
     torch.testing.assert_close(sub(input_ids).logits, flex(input_ids, budget=0.6).logits, atol=ATOL, rtol=0)
+    flex.save_pretrained(tmp_path)  # and read slice by slice from the files, biases included
+    at_budget = LlamaFlexForCausalLM.from_pretrained(tmp_path, budget=0.6)
+    torch.testing.assert_close(at_budget(input_ids).logits, sub(input_ids).logits, atol=ATOL, rtol=0)
 
 
 def test_permutation_sorts_units_by_score():
