@@ -92,6 +92,31 @@ def test_budget_forward_extract_and_generation(llama, input_ids, budget):
     assert torch.equal(ours, theirs)
 
 
+def test_generate_at_a_budget_runs_the_routers_once(llama, input_ids):
+    flex = elastic(llama)
+    calls = []
+    flex.model.router.register_forward_hook(lambda module, args, out: calls.append(float(args[0])))
+    flex.generate(input_ids[:1, :5], budget=0.6, max_new_tokens=6, do_sample=False)
+    assert calls == [pytest.approx(0.6)]  # once per call, not once per decoding step
+
+
+def test_hidden_states_and_attentions_of_a_sub_model_are_the_extracted_models(llama, input_ids):
+    """`output_hidden_states` / `output_attentions` of a sub-model give the extracted Llama's, layer for layer."""
+    flex = elastic(llama)
+    flex.config._attn_implementation = "eager"
+    arch = make_architecture(flex.config, ARCHITECTURES[1])  # 3 of the 4 layers
+    sub = flex.extract(arch)
+    sub.config._attn_implementation = "eager"
+    ours = flex(input_ids, architecture=arch, output_hidden_states=True, output_attentions=True)
+    theirs = sub(input_ids, output_hidden_states=True, output_attentions=True)
+    assert len(ours.hidden_states) == sub.config.num_hidden_layers + 1 < flex.config.num_hidden_layers + 1
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert len(ours.attentions) == arch.depth == 3
+    for a, b in zip(ours.attentions, theirs.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
 def test_budget_as_absolute_size(llama):
     flex = elastic(llama)
     parent = flex.config.parent_parameters()

@@ -462,3 +462,41 @@ def test_wrong_router_weights_at_a_budget_name_the_checkpoint(saved):
     _rewrite(path, shrink)
     with pytest.raises(ValueError, match=rf"checkpoint {path}: its router weights \(model.router.\*\) do not fit .*size"):
         LlamaFlexForCausalLM.from_pretrained(path, budget=0.5)
+
+
+# ---- strict loading, and the loading options an elastic checkpoint cannot take ----
+
+
+def test_whole_model_loading_is_strict(saved):
+    flex, path = saved
+    model, info = LlamaFlexForCausalLM.from_pretrained(path, output_loading_info=True)  # asked for: returned
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    weights = load_file(path / "model.safetensors")
+    gone = "model.modulation.axes.mlp.net.2.weight"  # not a router weight: transformers alone would only warn
+    save_file({k: v for k, v in weights.items() if k != gone}, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"does not fit its config.json: missing {gone}\b"):
+        LlamaFlexForCausalLM.from_pretrained(path)
+    extra = dict(weights, **{"model.layers.0.mlp.extra.weight": torch.zeros(2)})
+    save_file(extra, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected model.layers.0.mlp.extra.weight"):
+        LlamaFlexForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("option", [{"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+                                    {"load_in_8bit": True}, {"tp_plan": "auto"}])
+def test_quantised_or_tensor_parallel_loading_refused(saved, option):
+    _, path = saved
+    name = "tp_plan" if "tp_plan" in option else "quantised"
+    for budget in (None, 0.5):
+        with pytest.raises(ValueError, match=name):
+            LlamaFlexForCausalLM.from_pretrained(path, budget=budget, **option)
+
+
+def test_device_maps_at_a_budget(saved, input_ids):
+    flex, path = saved
+    for device_map in ("auto", {"model.layers.0": "cpu", "lm_head": "cpu"}):
+        with pytest.raises(ValueError, match=r"device_map=.* is not supported when loading at a budget"):
+            LlamaFlexForCausalLM.from_pretrained(path, budget=0.5, device_map=device_map)
+    for device_map in ("cpu", {"": "cpu"}):  # one device (lm-eval passes {"": "cpu"})
+        sub = LlamaFlexForCausalLM.from_pretrained(path, budget=0.5, device_map=device_map)
+        torch.testing.assert_close(sub(input_ids).logits, flex(input_ids, budget=0.5).logits)
