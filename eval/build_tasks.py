@@ -1,4 +1,4 @@
-"""Build local lm-eval tasks from held-out text (DESIGN.md §6), for machines without the Hugging Face hub.
+"""Build local lm-eval tasks from held-out text (docs/design.md, "Evaluation"), for machines without the Hugging Face hub.
 
 Three tasks, written as lm-eval YAML (``dataset_path: json``, local ``data_files``) next to their JSONL data:
 

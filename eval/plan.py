@@ -4,7 +4,7 @@ Everything is checked here, from config.json and the task folder only, before an
 out of range or below the smallest the choices reach, a task that is neither in lm-eval's registry nor in the
 local task folder, a checkpoint that is not LlamaFlex. Errors exit with code 2 and name what is allowed.
 
-Budgets evaluated by default (DESIGN.md §6):
+Budgets evaluated by default (docs/design.md, "Evaluation"):
 
 * the explicit budgets (the trained ones, ``budgets`` in config.json);
 * interpolated budgets: the midpoint of each pair of neighbouring explicit budgets, one between the largest

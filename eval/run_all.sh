@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evaluate a LlamaFlex checkpoint with lm-eval at its explicit budgets, interpolated ones and the full model,
-# then collect one results.json, a Markdown table and an accuracy-vs-parameters plot (DESIGN.md §6).
+# then collect one results.json, a Markdown table and an accuracy-vs-parameters plot (docs/design.md, "Evaluation").
 #
 #   bash eval/run_all.sh MODEL_DIR [--tasks T[:SHOTS],...] [--num_fewshot N] [--local] [--task_dir DIR]
 #                        [--budgets B,...] [--batch_size N] [--limit N] [--output DIR] [--device cpu]

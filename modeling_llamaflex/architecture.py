@@ -1,5 +1,5 @@
 """Architectures: one choice per elastic axis, their parameter counts, the budget loss, and the search
-over the (small) grid of choices that backs up the routers (DESIGN.md §3.3, §3.5)."""
+over the (small) grid of choices that backs up the routers (docs/design.md, "Routers" and "Parameter count and budget loss")."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .configuration_llamaflex import AXES, LlamaFlexConfig
 
 
 def count_parameters(config: LlamaFlexConfig, hidden, heads, mlp, depth):
-    """Non-embedding parameters of a uniform Llama with these sizes (closed form, DESIGN.md §3.5).
+    """Non-embedding parameters of a uniform Llama with these sizes (closed form; docs/design.md, "Parameter count and budget loss").
 
     P = k·(2·h·n_q·d + 2·h·n_kv·d + 3·h·f + 2·h) + h, plus biases where the parent has them. Works on
     ints (exact count) and on tensors (expected count: pass each width's expectation under the routers;
@@ -137,7 +137,7 @@ def predicted_loss(config: LlamaFlexConfig, indices: dict[str, int]) -> float | 
 def search_architecture(
     config: LlamaFlexConfig, budget: float, scores: dict[str, torch.Tensor] | None = None, allow_smaller: bool = True
 ) -> tuple[dict[str, int], str]:
-    """The best combination within the budget tolerance, by measured quality (DESIGN.md §3.3).
+    """The best combination within the budget tolerance, by measured quality (docs/design.md, "Routers").
 
     Within tolerance, in this order: the lowest loss measured at conversion (`config.architecture_scores`,
     Minitron-style: ranked by predicted loss, the top k scored; a smaller measured architecture is taken if it
@@ -191,7 +191,7 @@ def search_architecture(
 def architecture_for_logits(
     config: LlamaFlexConfig, budget: float, logits: dict[str, torch.Tensor], routers_trained: bool = True
 ) -> Architecture:
-    """The sub-model for `budget` (DESIGN.md §3.3).
+    """The sub-model for `budget` (docs/design.md, "Routers").
 
     Budget 1 is the parent. Routers that were never trained (`routers_trained` False: the router's
     `trained_steps` buffer is 0) do not choose: the one-shot family is `search_architecture`'s quality ranking. Trained routers choose by their
@@ -226,7 +226,7 @@ def expected_parameters(config: LlamaFlexConfig, probs: dict[str, torch.Tensor])
 
 
 def budget_loss(config: LlamaFlexConfig, probs: dict[str, torch.Tensor], budget: float) -> torch.Tensor:
-    """max(0, |P̂/(b·P) − 1| − tol); at b = 1 also pull every axis towards its full choice (DESIGN.md §3.5)."""
+    """max(0, |P̂/(b·P) − 1| − tol); at b = 1 also pull every axis towards its full choice (docs/design.md, "Parameter count and budget loss")."""
     ratio = expected_parameters(config, probs) / (budget * config.parent_parameters())
     loss = torch.relu((ratio - 1).abs() - config.budget_tolerance)
     if budget >= 1.0:

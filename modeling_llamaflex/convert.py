@@ -1,4 +1,4 @@
-"""From a Llama parent to an elastic LlamaFlex model (DESIGN.md §3.1)."""
+"""From a Llama parent to an elastic LlamaFlex model (docs/design.md, "Conversion")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Importance of every prunable unit of a Llama, from calibration activations (DESIGN.md §3.1).
+"""Importance of every prunable unit of a Llama, from calibration activations (docs/design.md, "Conversion").
 
 Minitron-style, activation based, no gradients. `collect_statistics` runs the parent over calibration
 batches with forward hooks and accumulates, per token:

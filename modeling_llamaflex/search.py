@@ -1,4 +1,4 @@
-"""Architectures ranked by measured quality, and routers that start from them (DESIGN.md §3.3).
+"""Architectures ranked by measured quality, and routers that start from them (docs/design.md, "Routers").
 
 As Minitron's NAS does, the candidates within a budget's tolerance are ranked and the top k are scored on
 calibration data (here by the distillation loss to the parent); the best is kept. Ours ranks by a *predicted*

@@ -1,4 +1,4 @@
-"""The knobs of elastic training (DESIGN.md §4), shared by `FlexTrainingArguments` and TRL's `FlexSFTConfig`.
+"""The knobs of elastic training (docs/design.md, "Training"), shared by `FlexTrainingArguments` and TRL's `FlexSFTConfig`.
 
 `FlexArguments` is a dataclass mixin holding every elastic-training field (budget sampling, losses, router
 schedules, the router/modulation learning rates, LoRA); `FlexTrainingArguments` = it + `TrainingArguments`

@@ -92,7 +92,7 @@ def config_to_argv(path: str) -> list[str]:
 
 
 def cpu_deepspeed_setup(argv: list[str]) -> list[str]:
-    """DeepSpeed without CUDA (ENVIRONMENT.md): gloo state before TrainingArguments, and use that state."""
+    """DeepSpeed without CUDA: gloo state before TrainingArguments, and use that state."""
     if "--deepspeed" not in argv or torch.cuda.is_available():
         return argv
     os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
