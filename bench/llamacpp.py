@@ -23,12 +23,12 @@ import sys
 import tarfile
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import numpy as np
 import torch
 
 from modeling_llamaflex import LlamaFlexForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VERSION = "0.3.36"
 

@@ -32,10 +32,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from serving.__main__ import build, parser as serve_parser
 
-from serving.__main__ import build, parser as serve_parser  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MEASURE = r"""
 import json, sys, threading, socket, time, torch

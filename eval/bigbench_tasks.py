@@ -251,7 +251,7 @@ def build(location: Path, out: Path, names: Sequence[str] = DEFAULT_TASKS, max_e
     """Write the selected BIG-bench tasks (YAML + JSONL) into `out`; returns (and writes) a manifest."""
     import yaml
 
-    from build_tasks import _Dumper  # the same YAML style as the local tasks
+    from eval.build_tasks import _Dumper  # the same YAML style as the local tasks
 
     selected = dict(source_for(n) for n in names)
     files = read_task_files(location, sorted({s.path for s in selected.values()}))

@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _build_bigbench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The --bigbench part of main: fetch the archive if needed, build the selected tasks into --out."""
-    import bigbench_tasks as bb
+    from eval import bigbench_tasks as bb
 
     spec = args.bigbench_tasks.strip()
     names = {"default": list(bb.DEFAULT_TASKS), "all": list(bb.CANDIDATES)}.get(spec)

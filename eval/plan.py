@@ -40,9 +40,7 @@ DEFAULT_TASK_DIR = EVAL_DIR / "tasks" / "local"
 def local_tasks(task_dir: Path) -> str:
     """--local's default: LOCAL_TASKS, plus the kept BIG-bench tasks (bb_*, 0-shot) built in `task_dir`
     (`python eval/build_tasks.py ... --bigbench`); a folder of BIG-bench tasks only gives just those."""
-    if str(EVAL_DIR) not in sys.path:
-        sys.path.insert(0, str(EVAL_DIR))
-    from bigbench_tasks import built_default_tasks
+    from eval.bigbench_tasks import built_default_tasks
 
     bigbench = [f"{name}:0" for name in built_default_tasks(task_dir)]
     flex = [t for t in LOCAL_TASKS.split(",") if (task_dir / f"{t.partition(':')[0]}.yaml").is_file()]

@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "eval"))
-
-import bigbench_tasks as bb  # noqa: E402
-import build_tasks  # noqa: E402
-import collect  # noqa: E402
-import plan  # noqa: E402
+from eval import bigbench_tasks as bb
+from eval import build_tasks, collect, plan
 
 TOP = "bigbench-1.0.0/bigbench/benchmark_tasks"
 

@@ -6,8 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_model import ATOL
+from conftest import ATOL, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from modeling_llamaflex import LlamaFlexForCausalLM

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import CONFIG_ERRORS, tiny_llama_config
 
 from modeling_llamaflex import LlamaFlexConfig, budget_loss, count_parameters, default_choices, parse_budget
 from modeling_llamaflex.architecture import smallest_budget
@@ -50,7 +50,7 @@ def test_default_choices_for_llama31_8b():
     ],
 )
 def test_invalid_configs_are_refused(options, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(CONFIG_ERRORS, match=message):
         flex_config(**options)
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_model import ATOL
+from conftest import ATOL, tiny_llama
 
-from modeling_llamaflex import LlamaFlexForCausalLM
-from modeling_llamaflex import importance
+from modeling_llamaflex import LlamaFlexForCausalLM, importance
 from modeling_llamaflex.architecture import make_architecture
 from modeling_llamaflex.convert import importance_orders
 

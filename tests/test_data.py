@@ -17,7 +17,7 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, TrainerControl, TrainerState
 
 from training.corpus import HELD_OUT, bigram_loss, fetch_shakespeare, train_tokenizer
-from training.data import DataArguments, build_lm_datasets, load_text_datasets, lm_data_collator, pack_dataset
+from training.data import DataArguments, build_lm_datasets, lm_data_collator, load_text_datasets, pack_dataset
 from training.pretrain_parent import ParentArguments, TimeLimitCallback, main, time_aware_cosine_schedule
 
 WORDS = ("the king my lord good sweet love death night day heaven what shall come speak fair honour "

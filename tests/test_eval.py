@@ -12,50 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_llama
+from conftest import ROOT, fake_output, fake_results, make_checkpoint
 
+from eval import build_tasks, collect, plan
 from modeling_llamaflex import LlamaFlexForCausalLM
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "eval"))
-
-import build_tasks  # noqa: E402
-import collect  # noqa: E402
-import plan  # noqa: E402
-
-WORDS = ("king queen lord lady night day heaven earth love death sword crown blood honour grave ghost father "
-         "mother son daughter storm sea island spirit sleep dream murder castle throne hand heart eye tongue").split()
-
-
-def play_text(seed: int = 0, speeches: int = 80) -> str:
-    """A tiny play laid out like the Gutenberg Shakespeare texts: speaker line, spoken lines, blank line."""
-    rng = random.Random(seed)
-    blocks = ["THE TRAGEDY OF TESTING", "ACT I.", "Scene I. A room in the castle."]
-    for i in range(speeches):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))).capitalize() + rng.choice(",.;:!?")
-                 for _ in range(rng.randint(1, 6))]
-        if i % 7 == 0:
-            lines.insert(1, "[Aside.]")
-        blocks.append("\n".join([rng.choice(["Ham.", "Hor.", "King.", "Queen.", "First Clown."]), *lines]))
-        if i % 10 == 9:
-            blocks.append("[Exeunt.]")
-    return "\n\n".join(blocks) + "\n"
-
-
-def make_checkpoint(root: Path, budgets=(0.5, 0.75)) -> tuple[Path, Path, Path]:
-    """A tiny LlamaFlex checkpoint with a byte-level BPE tokenizer, its plain Llama parent, and a text file."""
-    from training.corpus import train_tokenizer
-
-    root.mkdir(parents=True, exist_ok=True)
-    text = root / "play.txt"
-    text.write_text(play_text())
-    model_dir, parent_dir = root / "flex", root / "parent"
-    tokenizer = train_tokenizer([text], model_dir, vocab_size=300)
-    parent = tiny_llama(vocab_size=len(tokenizer))
-    LlamaFlexForCausalLM.from_llama(parent, budgets=list(budgets)).save_pretrained(model_dir)
-    parent.save_pretrained(parent_dir)
-    tokenizer.save_pretrained(parent_dir)
-    return model_dir, parent_dir, text
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +134,7 @@ def test_flex_ppl_has_a_per_document_metric_with_a_standard_error(task_dir, tmp_
     got = results["results"]["flex_ppl"]
     assert got["nll_per_byte,none"] == pytest.approx(statistics.mean(values))
     assert got["nll_per_byte_stderr,none"] == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)))
-    total_ll = sum(-v * len(d["text"].encode()) for v, d in zip(values, docs))
+    total_ll = sum(-v * len(d["text"].encode()) for v, d in zip(values, docs, strict=True))
     words = sum(task.count_words(d["text"]) for d in docs)
     assert got["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / words))
     assert got["bits_per_byte,none"] == pytest.approx(-total_ll / sum(len(d["text"].encode()) for d in docs)
@@ -269,41 +229,6 @@ def test_run_all_refuses_a_plain_llama_and_a_missing_task_folder(checkpoint, tmp
 
 # ---- collect (on lm-eval-shaped results, no lm-eval run) ----
 
-def fake_results(out: Path, label: str, model_args: dict, results: dict, shots: int = 0, stamp: str = "00",
-                 groups: dict | None = None) -> None:
-    """A results file shaped like lm-eval 0.4.13's, as run_all.sh lays them out."""
-    path = out / "raw" / label / f"{shots}shot" / "model" / f"results_2026-01-01T00-00-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    configs = {t: {"dataset_path": "json" if t.startswith("flex") else f"org/{t}", "dataset_name": None,
-                   "test_split": "test"} for t in results}
-    data = {"results": results, "group_subtasks": groups or {}, "configs": configs,
-            "n-shot": {t: shots for t in results}, "higher_is_better": {},
-            "config": {"model_args": model_args, "limit": 4.0, "model_num_parameters": 1000}}
-    path.write_text(json.dumps(data))
-
-
-NLL = (1.6, 1.55, 1.5, 1.495)  # flex_ppl's nll_per_byte by budget (± 0.01): the last step is within its error
-
-
-def fake_output(out: Path, model_dir: Path, parent_dir: Path | None = None) -> None:
-    for i, b in enumerate((0.375, 0.5, 0.625, 1.0)):
-        args = {"pretrained": str(model_dir), "trust_remote_code": True, "budget": b}
-        fake_results(out, plan.budget_label(b), args, {
-            "flex_lambada": {"alias": "flex_lambada", "acc,none": 0.1 * i, "acc_stderr,none": 0.01,
-                             "perplexity,none": 50.0 - i},
-            "flex_ppl": {"nll_per_byte,none": NLL[i], "nll_per_byte_stderr,none": 0.01,
-                         "word_perplexity,none": 100.0 - i, "word_perplexity_stderr,none": "N/A",
-                         "bits_per_byte,none": 2.0},
-        })
-        fake_results(out, plan.budget_label(b), args, shots=5, groups={"mmlu": ["mmlu_a", "mmlu_b"]}, results={
-            "mmlu": {"acc,none": 0.25 + 0.01 * i}, "mmlu_a": {"acc,none": 0.2}, "mmlu_b": {"acc,none": 0.3},
-        })
-    fake_results(out, plan.budget_label(0.5), {"pretrained": str(model_dir), "budget": 0.5}, stamp="59",
-                 results={"flex_lambada": {"acc,none": 0.9, "perplexity,none": 3.0}})  # a newer run wins
-    if parent_dir is not None:
-        fake_results(out, "parent", {"pretrained": str(parent_dir)}, {"flex_lambada": {"acc,none": 0.5}})
-
-
 def test_collect_table_and_plot(checkpoint, tmp_path):
     model_dir, parent_dir, _ = checkpoint
     out = tmp_path / "eval"
@@ -379,7 +304,7 @@ def test_collect_shows_the_standard_error_and_a_tasks_own_main_metric(checkpoint
 
 @pytest.mark.slow
 def test_run_all_end_to_end_with_local_tasks(checkpoint, task_dir, tmp_path):
-    from test_model_card import check_card
+    from conftest import check_card
 
     model_dir, parent_dir, _ = checkpoint
     out = tmp_path / "eval"

@@ -15,8 +15,7 @@ import torch
 from conftest import tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from modeling_llamaflex import LlamaFlexForCausalLM
-from modeling_llamaflex import parents
+from modeling_llamaflex import LlamaFlexForCausalLM, parents
 from modeling_llamaflex.__main__ import main
 from modeling_llamaflex.parents import (
     ParentFetchError,

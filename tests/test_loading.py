@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 import torch
+from conftest import ATOL, elastic, non_embedding_parameters
 from safetensors.torch import load_file, save_file
-from test_model import ATOL, elastic, non_embedding_parameters
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 
 from modeling_llamaflex import LlamaFlexForCausalLM, LlamaFlexModel
@@ -181,5 +181,7 @@ def test_loading_at_a_budget_reads_bf16_and_sharded_checkpoints(llama, input_ids
     sub = AutoModelForCausalLM.from_pretrained(tmp_path / "flex", budget=0.6)
     extracted = flex.extract(0.6)
     assert sub.dtype == torch.bfloat16
-    for (name, a), (_, b) in zip(sub.named_parameters(), extracted.named_parameters()):
-        assert torch.equal(a, b), name
+    got, expected = dict(sub.named_parameters()), dict(extracted.named_parameters())
+    assert got.keys() == expected.keys()
+    for name, a in got.items():
+        assert torch.equal(a, expected[name]), name

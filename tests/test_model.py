@@ -4,32 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
-from transformers import LlamaForCausalLM
+from conftest import ATOL, elastic, non_embedding_parameters, tiny_llama
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_llamaflex import LlamaFlexConfig, LlamaFlexForCausalLM, budget_loss, expected_parameters
 from modeling_llamaflex.architecture import make_architecture, search_architecture
 from modeling_llamaflex.configuration_llamaflex import AXES
 from modeling_llamaflex.elastic import Policy
-
-ATOL = 1e-5
-
-
-def non_embedding_parameters(model: LlamaForCausalLM) -> int:
-    skip = {"model.embed_tokens.weight", "lm_head.weight"}
-    return sum(p.numel() for n, p in model.named_parameters(remove_duplicate=False) if n not in skip)
-
-
-def elastic(llama, **elastic_options) -> LlamaFlexForCausalLM:
-    """A flex model with a non-trivial layer ranking and random (non-zero) modulation, so folding is tested."""
-    elastic_options.setdefault("layer_ranking", [2, 0, 3, 1])
-    flex = LlamaFlexForCausalLM.from_llama(llama, **elastic_options)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in flex.model.modulation.parameters():
-            p.normal_(0, 0.2)
-    return flex
-
 
 # every axis below its full size somewhere; heads=4 keeps 2 of 4 query heads in each of the 2 KV groups
 ARCHITECTURES = [
@@ -169,12 +150,54 @@ def test_masked_norm_uses_the_expected_width():
     torch.testing.assert_close(norm(x, torch.tensor(8 / width)), expected)
 
 
-def test_fresh_model_is_the_sliced_parent_at_every_budget(llama, input_ids):
-    """Zero-initialised modulation: before training, a sub-model is exactly the pruned parent."""
-    flex = LlamaFlexForCausalLM.from_llama(llama)
-    arch = flex.architecture(0.6)
-    gains = flex.model.modulation(Policy.one_hot(flex.config, arch.indices).probs)
-    assert torch.equal(gains, torch.ones_like(gains))
+def prune_by_hand(llama: LlamaForCausalLM, hidden: int, heads_per_group: int, mlp: int, layers: list[int]) -> LlamaForCausalLM:
+    """The parent pruned with plain tensor indexing, not through modeling_llamaflex: the first `hidden` residual
+    channels, the first `heads_per_group` query heads of every KV group, the first `mlp` neurons, `layers`."""
+    cfg = llama.config
+    d, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    group = nq // nkv
+    q_rows = torch.cat([torch.arange(d) + (g * group + j) * d for g in range(nkv) for j in range(heads_per_group)])
+    src = llama.state_dict()
+    sub = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "hidden_size": hidden, "intermediate_size": mlp,
+                                          "num_hidden_layers": len(layers), "num_attention_heads": nkv * heads_per_group}))
+    state = {"model.embed_tokens.weight": src["model.embed_tokens.weight"][:, :hidden],
+             "model.norm.weight": src["model.norm.weight"][:hidden]}
+    if "lm_head.weight" in sub.state_dict():
+        state["lm_head.weight"] = src["lm_head.weight"][:, :hidden]
+    for new, old in enumerate(layers):
+        a, b = f"model.layers.{old}.", f"model.layers.{new}."
+        state[b + "input_layernorm.weight"] = src[a + "input_layernorm.weight"][:hidden]
+        state[b + "post_attention_layernorm.weight"] = src[a + "post_attention_layernorm.weight"][:hidden]
+        state[b + "self_attn.q_proj.weight"] = src[a + "self_attn.q_proj.weight"][q_rows, :hidden]
+        state[b + "self_attn.k_proj.weight"] = src[a + "self_attn.k_proj.weight"][:, :hidden]
+        state[b + "self_attn.v_proj.weight"] = src[a + "self_attn.v_proj.weight"][:, :hidden]
+        state[b + "self_attn.o_proj.weight"] = src[a + "self_attn.o_proj.weight"][:hidden, q_rows]
+        state[b + "mlp.gate_proj.weight"] = src[a + "mlp.gate_proj.weight"][:mlp, :hidden]
+        state[b + "mlp.up_proj.weight"] = src[a + "mlp.up_proj.weight"][:mlp, :hidden]
+        state[b + "mlp.down_proj.weight"] = src[a + "mlp.down_proj.weight"][:hidden, :mlp]
+    sub.load_state_dict(state, strict=True)
+    return sub.eval()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.75])
+def test_a_fresh_sub_model_is_the_parent_pruned_by_hand(tied, budget, input_ids):
+    """Before training (zero-initialised modulation, no calibration so no reordering), `extract(b)` and the sliced
+    forward at b equal the parent pruned by hand to the same choices."""
+    llama = tiny_llama(tie_word_embeddings=tied)
+    flex = LlamaFlexForCausalLM.from_llama(llama, layer_ranking=[2, 0, 3, 1])
+    arch = flex.architecture(budget)
+    assert arch.num_parameters < non_embedding_parameters(llama)  # a real cut
+    kept = sorted([2, 0, 3, 1][: arch.depth])  # the first `depth` layers of the ranking, in network order
+    assert list(arch.kept_layers) == kept
+    by_hand = prune_by_hand(llama, arch.hidden, arch.heads // llama.config.num_key_value_heads, arch.mlp, kept)
+    expected = by_hand(input_ids).logits
+    sub = flex.extract(budget)
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    assert {k: getattr(sub.config, k) for k in shape} == {k: getattr(by_hand.config, k) for k in shape}
+    assert non_embedding_parameters(sub) == non_embedding_parameters(by_hand) == arch.num_parameters
+    torch.testing.assert_close(sub(input_ids).logits, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(flex(input_ids, budget=budget).logits, expected, atol=ATOL, rtol=0)
 
 
 def test_llama31_8b_on_meta_device():
@@ -204,11 +227,11 @@ def test_llama31_8b_on_meta_device():
 
 
 def test_modulation_leaves_the_full_model_alone(llama, input_ids):
-    """Gains are measured from the full choice: a trained modulation never changes the parent."""
+    """A trained (random, non-zero) modulation changes the sub-models but never the full model: the parent."""
     flex = elastic(llama)
     full = {"hidden": 4, "heads": 1, "mlp": 6, "depth": 2}
-    gains = flex.model.modulation(Policy.one_hot(flex.config, full).probs)
-    assert torch.equal(gains, torch.ones_like(gains))
+    smaller = flex.model.modulation(Policy.one_hot(flex.config, {**full, "mlp": 3}).probs)
+    assert (smaller - 1).abs().max() > 1e-2  # the modulation is live below the full choice
     logits = flex(input_ids, policy=Policy.one_hot(flex.config, full, sliced=False)).logits
     torch.testing.assert_close(logits, llama(input_ids).logits, atol=ATOL, rtol=0)
 

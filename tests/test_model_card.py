@@ -4,43 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard
-from test_eval import fake_output, make_checkpoint
+from conftest import check_card, fake_output, make_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "eval"))
-sys.path.insert(0, str(ROOT / "model_card"))
-
-import collect  # noqa: E402
-import generate  # noqa: E402
-from modeling_llamaflex.parents import BUILTIN_PARENTS, ParentSource  # noqa: E402
-
-
-def check_card(model_dir: Path, results_path: Path, out: Path, *extra: str, license: str = "apache-2.0") -> ModelCard:
-    """Generate the card, load it back with huggingface_hub and check its model-index against results.json."""
-    assert generate.main([str(model_dir), "--results", str(results_path), "--out", str(out), *extra]) == 0
-    card = ModelCard.load(out)
-    results = json.loads(results_path.read_text())
-    data = card.data
-    assert data.license == license and data.library_name == "transformers"
-    assert data.pipeline_tag == "text-generation" and {"llamaflex", "elastic", "llama"} <= set(data.tags)
-    expected = {(row["label"], task): value for row in results["sub_models"]
-                for task, value in row["metrics"].items() if value is not None}
-    got = {}
-    for result in data.eval_results:
-        task = result.dataset_name.split(" (")[0]
-        assert result.metric_type == results["tasks"][task]["metric"]
-        assert result.dataset_args == {"num_few_shot": results["tasks"][task]["shots"]}
-        got[(result.metric_config, task)] = result.metric_value
-    assert got == pytest.approx(expected)
-    assert "| budget | kind |" in card.text and "trust_remote_code=True, budget=0.5" in card.text
-    if (results_path.parent / "accuracy_vs_params.png").exists():
-        assert "](accuracy_vs_params.png)" in card.text and (out.parent / "accuracy_vs_params.png").is_file()
-    return card
+from eval import collect
+from model_card import generate
+from modeling_llamaflex.parents import BUILTIN_PARENTS, ParentSource
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import arguments, dataset, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_training import arguments, dataset
 from torch import nn
 
 from modeling_llamaflex import LlamaFlexForCausalLM, Policy, budget_loss
@@ -196,7 +195,7 @@ def test_frozen_base_training_saves_a_merged_checkpoint_and_the_adapter(tmp_path
 
 
 def test_run_py_lora_option(tmp_path):
-    from test_sft import word_tokenizer
+    from conftest import word_tokenizer
 
     from training import run
 

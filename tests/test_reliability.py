@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import CONFIG_ERRORS, elastic, tiny_llama
 from safetensors.torch import load_file, save_file
-from test_model import elastic
 from transformers import AutoModelForCausalLM
 
 from modeling_llamaflex import LlamaFlexForCausalLM, parse_budget
@@ -294,7 +293,9 @@ def _finish(line: str, results: dict) -> None:
 def test_eval_reruns_results_made_with_another_limit_checkpoint_or_task(tmp_path, capsys):
     import shutil
 
-    from test_eval import build_tasks, make_checkpoint, plan
+    from conftest import make_checkpoint
+
+    from eval import build_tasks, plan
 
     model_dir, _, text = make_checkpoint(tmp_path / "ckpt")
     tasks = tmp_path / "tasks"
@@ -374,7 +375,7 @@ def test_budget_strings_in_the_config_are_parsed():
     ],
 )
 def test_config_gaps_are_refused_at_config_time(options, message):
-    with pytest.raises(Exception, match=message):  # (validators' ValueErrors come wrapped by @strict)
+    with pytest.raises(CONFIG_ERRORS, match=message):
         _flex_config(**options)
 
 
@@ -384,7 +385,7 @@ def test_config_gaps_are_refused_at_config_time(options, message):
 def test_tokens_per_budget_survive_a_resume(tmp_path):
     import shutil
 
-    from test_training import StopAt, arguments, dataset
+    from conftest import StopAt, arguments, dataset
 
     from training.trainer import FlexTrainer
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_training import arguments, dataset
+from conftest import CONFIG_ERRORS, arguments, dataset, tiny_llama
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.router import BudgetRouter, budget_blend
@@ -38,7 +37,7 @@ def test_onehot_blend_at_a_midpoint_is_the_average_of_the_neighbours():
     router = flex.model.router
     assert isinstance(router, BudgetRouter) and router.embed.in_features == 3  # 0.5, 0.75 and 1
     assert set(router(torch.tensor(0.6))) == {"hidden", "heads", "mlp", "depth"}
-    with pytest.raises(Exception, match="router_budget_embedding"):
+    with pytest.raises(CONFIG_ERRORS, match="router_budget_embedding"):
         LlamaFlexForCausalLM.from_llama(tiny_llama(), router_budget_embedding="cosine")
 
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import CONFIG_ERRORS, tiny_llama
 from transformers import LlamaConfig
 
 from modeling_llamaflex import LlamaFlexConfig, LlamaFlexForCausalLM
-from modeling_llamaflex.architecture import (candidates, count_parameters, make_architecture, scored_architectures,
-                                             search_architecture)
+from modeling_llamaflex.architecture import (
+    candidates,
+    count_parameters,
+    make_architecture,
+    scored_architectures,
+    search_architecture,
+)
 from modeling_llamaflex.configuration_llamaflex import AXES
 from modeling_llamaflex.slicing import sub_model_sizes
 
@@ -117,7 +122,7 @@ def test_every_routed_pick_is_exportable(heads, kv, hidden):
 def test_invalid_explicit_choices_are_refused_naming_them():
     parent = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, head_dim=16)
-    with pytest.raises(Exception, match=r"hidden 64 with 6 heads.*multiple of num_attention_heads"):
+    with pytest.raises(CONFIG_ERRORS, match=r"hidden 64 with 6 heads.*multiple of num_attention_heads"):
         LlamaFlexConfig.from_llama_config(parent, head_choices=[4, 6, 8])
-    with pytest.raises(Exception, match=r"hidden 36 with 8 heads"):
+    with pytest.raises(CONFIG_ERRORS, match=r"hidden 36 with 8 heads"):
         LlamaFlexConfig.from_llama_config(parent, hidden_choices=[36, 64])

@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, word_tokenizer
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from training.arguments import FlexArguments, FlexTrainingArguments
-from training.chat_data import CHAT_TEMPLATE, build_chat_data
+from training.chat_data import build_chat_data
 from training.sft import FlexSFTConfig, FlexSFTTrainer
-from training.trainer import FlexTrainer, FlexTrainingMixin
+from training.trainer import FlexTrainer
 
 COLORS = ["red", "green", "blue", "black", "white", "gold"]
 THINGS = ["sky", "grass", "sea", "night", "snow", "sun", "leaf", "coal"]
 ANSWER = dict(zip(THINGS, ["blue", "green", "blue", "black", "white", "gold", "green", "black"]))
-
-
-def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer (pad 0, bos 1, eos 2, as tiny_llama) with the chat template of chat_data.py."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(words) | {"User", "Assistant", ":", "?", '"'}))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def chats(n: int, seed: int = 0) -> Dataset:
@@ -67,11 +55,31 @@ def test_sft_config_and_trainer_share_the_flex_code():
     flex_fields = {f.name for f in dataclasses.fields(FlexArguments)}
     assert flex_fields <= {f.name for f in dataclasses.fields(FlexSFTConfig)}
     assert flex_fields <= {f.name for f in dataclasses.fields(FlexTrainingArguments)}
-    assert issubclass(FlexSFTTrainer, FlexTrainingMixin) and issubclass(FlexTrainer, FlexTrainingMixin)
-    for method in ("compute_loss", "create_optimizer", "create_scheduler", "evaluate", "log", "save_flex_model"):
-        assert getattr(FlexSFTTrainer, method) is getattr(FlexTrainer, method), method  # one implementation
     config = FlexSFTConfig(output_dir="x", use_cpu=True, bf16=False)
     assert (config.lm_loss_weight, config.distillation_weight) == (1.0, 0.0)  # SFT loss, no teacher by default
+
+
+def test_sft_trainer_samples_and_computes_the_flex_trainers_loss(tmp_path):
+    """Given the same flex knobs and batch, FlexSFTTrainer and FlexTrainer sample the same budgets and routes and
+    compute the same losses, step after step."""
+    tokenizer, flex = tokenizer_and_model()
+    sft = FlexSFTTrainer(model=copy.deepcopy(flex), args=sft_config(tmp_path, hard_sample_probability=0.5),
+                         train_dataset=chats(16), processing_class=tokenizer)
+    knobs = {f.name: getattr(sft.args, f.name) for f in dataclasses.fields(FlexArguments)}
+    plain = FlexTrainer(model=copy.deepcopy(flex), train_dataset=sft.train_dataset,
+                        args=FlexTrainingArguments(output_dir=str(tmp_path / "plain"), use_cpu=True, report_to=[],
+                                                   seed=0, **knobs))
+    batch = sft.data_collator([sft.train_dataset[i] for i in range(8)])
+    losses = {}
+    for name, trainer in (("sft", sft), ("plain", plain)):
+        trainer.model.train()
+        losses[name] = []
+        for step in range(6):
+            trainer.state.global_step = step
+            losses[name].append(trainer.compute_loss(trainer.model, batch).item())
+    assert sft.sample_log == plain.sample_log and {hard for *_, hard in sft.sample_log} == {True, False}
+    assert len({b for _, _, b, _ in sft.sample_log}) > 1  # several budgets were drawn
+    assert losses["sft"] == pytest.approx(losses["plain"], rel=1e-6)
 
 
 @pytest.mark.parametrize("lora_r", [0, 4], ids=["full-weights", "lora"])

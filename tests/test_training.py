@@ -10,28 +10,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_llama
-from datasets import Dataset
+from conftest import ROOT, StopAt, arguments, dataset, tiny_llama
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from training.arguments import FlexTrainingArguments
 from training.trainer import BudgetSampler, FlexTrainer, distillation_loss, parameter_group
-
-
-def dataset(n: int = 64, length: int = 16, seed: int = 0) -> Dataset:
-    torch.manual_seed(seed)
-    ids = torch.randint(3, 128, (n, length)).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids, "attention_mask": [[1] * length] * n})
-
-
-def arguments(tmp_path, **overrides) -> FlexTrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, logging_steps=3,
-        report_to=[], learning_rate=1e-3, save_strategy="no", use_cpu=True, lm_loss_weight=0.5,
-        full_budget_probability=0.25, hard_sample_probability=0.5, dataloader_num_workers=0, seed=0,
-    )
-    values.update(overrides)
-    return FlexTrainingArguments(**values)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -144,29 +127,20 @@ def test_resume_gives_the_same_weights(tmp_path):
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
 
 
-class StopAt(__import__("transformers").TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
 @pytest.mark.slow
 def test_run_py_under_zero3_with_two_processes(tmp_path):
     """`deepspeed --num_gpus 2 training/run.py` on the CPU: partitioned parameters, a checkpoint that loads."""
     text = "\n".join(f"line {i} of some text, with words and words {i % 7}" for i in range(3000))
     (tmp_path / "train.txt").write_text(text)
     (tmp_path / "val.txt").write_text(text[:20000])
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + sorted(set(text.split())))}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path / "tok")
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = ["deepspeed", "--num_gpus", "2", os.path.join(ROOT, "training", "run.py"),
            "--deepspeed", os.path.join(ROOT, "training", "configs", "zero3_cpu.json"),
            "--tokenizer", str(tmp_path / "tok"), "--train_file", str(tmp_path / "train.txt"),
