@@ -6,6 +6,8 @@
 #   bash run_pipeline.sh                          # everything into runs/pipeline (steps already done are skipped)
 #   PARENT=toy bash run_pipeline.sh               # the 5M Shakespeare toy parent, pretrained here (runs/pipeline-toy)
 #   RUN=runs/other FLEX_STEPS=96 EVAL_LIMIT=400 FORCE=1 bash run_pipeline.sh
+# Knobs (environment): PARENT, RUN, FLEX_STEPS, FLEX_ARGS (more training/run.py flags, e.g. "--block_size 64"),
+#   EVAL_LIMIT, EVAL_BUDGETS, TASKS (BIG-bench tasks, bb_*, are built only when asked for), PARENT_MINUTES, FORCE.
 set -euo pipefail
 cd "$(dirname "$0")"
 PARENT="${PARENT:-smollm2-135m}"
@@ -52,7 +54,8 @@ python -m training.corpus --out "$CORPUS"
 if [ "$PARENT" = toy ]; then
   python eval/build_tasks.py --corpus_dir "$CORPUS" --out "$RUN/tasks"
 else
-  python eval/build_tasks.py --corpus_dir "$CORPUS" --bigbench --chunk_chars 600 --out "$RUN/tasks"
+  BIGBENCH=(); [[ "$TASKS" == *bb_* ]] && BIGBENCH=(--bigbench)   # a 358 MB archive, fetched once: only when evaluated
+  python eval/build_tasks.py --corpus_dir "$CORPUS" "${BIGBENCH[@]}" --chunk_chars 600 --out "$RUN/tasks"
   if [ ! -f "$RUN/parent/config.json" ]; then  # the de-quantised parent as a plain folder: the eval's reference
     python -m modeling_llamaflex parent "$PARENT" --out "$RUN/parent"
   fi
@@ -78,7 +81,7 @@ if [ -f "$RUN/flex/training_summary.json" ]; then
   echo "   $RUN/flex exists: skipped"
 else
   python training/run.py "$CONFIG" --parent "$TRAIN_PARENT" --output_dir "$RUN/flex" \
-    --train_file "$CORPUS/train.txt" --validation_file "$CORPUS/validation.txt" --max_steps "$FLEX_STEPS"
+    --train_file "$CORPUS/train.txt" --validation_file "$CORPUS/validation.txt" --max_steps "$FLEX_STEPS" ${FLEX_ARGS:-}
 fi
 stamp
 

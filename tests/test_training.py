@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, StopAt, arguments, dataset, tiny_llama
+from conftest import StopAt, arguments, dataset, tiny_llama
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from training.arguments import FlexTrainingArguments
@@ -125,42 +121,6 @@ def test_resume_gives_the_same_weights(tmp_path):
     resumed = run(8, resume=str(tmp_path / "interrupted" / "checkpoint-4"), out="interrupted")
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
-
-
-@pytest.mark.slow
-def test_run_py_under_zero3_with_two_processes(tmp_path):
-    """`deepspeed --num_gpus 2 training/run.py` on the CPU: partitioned parameters, a checkpoint that loads."""
-    text = "\n".join(f"line {i} of some text, with words and words {i % 7}" for i in range(3000))
-    (tmp_path / "train.txt").write_text(text)
-    (tmp_path / "val.txt").write_text(text[:20000])
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + sorted(set(text.split())))}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path / "tok")
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = ["deepspeed", "--num_gpus", "2", os.path.join(ROOT, "training", "run.py"),
-           "--deepspeed", os.path.join(ROOT, "training", "configs", "zero3_cpu.json"),
-           "--tokenizer", str(tmp_path / "tok"), "--train_file", str(tmp_path / "train.txt"),
-           "--validation_file", str(tmp_path / "val.txt"), "--block_size", "32", "--output_dir", str(out),
-           "--max_steps", "4", "--per_device_train_batch_size", "2", "--logging_steps", "2", "--report_to", "none",
-           "--calibration_samples", "8", "--elastic", '{"budgets": [0.5, 0.75]}', "--save_strategy", "no",
-           "--per_device_eval_batch_size", "8"]
-    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
-    cmd[0] = deepspeed
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["zero3_partitioned"]
-    ranks = [json.loads((out / "logs" / f"samples-rank{r}.json").read_text()) for r in range(2)]
-    assert len(ranks[0]) == 4 and ranks[0] == ranks[1]  # the same budget and hard/soft draw on both ranks
-    flex = LlamaFlexForCausalLM.from_pretrained(out)
-    sub = flex.extract(0.5)
-    ids = torch.randint(3, 50, (1, 8))
-    torch.testing.assert_close(sub(ids).logits, flex(ids, budget=0.5).logits, atol=1e-5, rtol=0)
-    assert (out / "sub-models" / "budget-0.5" / "config.json").exists()
 
 
 def test_per_budget_logs_go_to_tensorboard_by_default(tmp_path):

