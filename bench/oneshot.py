@@ -5,9 +5,11 @@ search, on a grid of budgets, scored by held-out loss (issue 11, bench/QUALITY.m
     python bench/oneshot.py --parent runs/toy-parent --out bench/results/oneshot_toy.json
 
 Both families come from the same parent and calibration blocks (training text). "size rule" is what
-`from_llama` did before: activation importance, and the largest exportable combination within ±5% of each
-budget. "quality" is today's default: `--importance` scorers, and the candidates ranked by measured KL to the
-parent on the last `--score` calibration blocks (`modeling_llamaflex.search`), scored for every budget of the grid. Each sub-model
+`from_llama` did first: activation importance, and the largest exportable combination within ±5% of each
+budget, no RMSNorm gains. "quality" is today's default: `--importance` scorers, and the candidates ranked by measured KL to the
+parent on the last `--score` calibration blocks (`modeling_llamaflex.search`), scored for every budget of the grid,
+with the hidden widths' RMSNorm gains (`convert.calibrate_norm_gains`; `--without_norm_gains` adds the same
+family without them). Each sub-model
 is run sliced on held-out blocks (the validation plays) and its mean next-token loss is reported with the
 standard error over blocks of its difference to the parent's loss (paired: the same blocks).
 """
@@ -72,6 +74,8 @@ def main(argv=None) -> dict:
     p.add_argument("--grid", type=int, default=20, help="budgets from the smallest reachable to 1")
     p.add_argument("--top_k", type=int, default=8)
     p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--without_norm_gains", action="store_true",
+                   help="also the quality family converted with norm_correction=False (the RMSNorm gains' ablation)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -84,21 +88,25 @@ def main(argv=None) -> dict:
     print(f"parent {args.parent}: held-out loss {result['parent_loss']:.4f}")
 
     t0 = time.time()
-    old = LlamaFlexForCausalLM.from_llama(parent, calib, importance=OLD_IMPORTANCE, top_k=0, progress=False)
+    old = LlamaFlexForCausalLM.from_llama(parent, calib, importance=OLD_IMPORTANCE, top_k=0, progress=False,
+                                          norm_correction=False)
     grid = torch.linspace(smallest_budget(old.config), 1.0, args.grid).tolist()
     result["grid"] = grid
     print("size rule (activation importance, largest within tolerance):")
     result["families"]["size rule"] = {"convert_seconds": round(time.time() - t0, 1),
                                        "rows": family(old, grid, held_out, parent_losses, args.batch_size)}
     del old
-    t0 = time.time()
-    new = LlamaFlexForCausalLM.from_llama(parent, calib, importance=importance, score_data=score,
-                                          score_budgets=[b for b in grid if b < 1], top_k=args.top_k)
-    seconds = round(time.time() - t0, 1)
-    print(f"quality ranked (importance {importance or 'default'}, top {args.top_k}, {seconds}s to convert):")
-    result["families"]["quality"] = {"convert_seconds": seconds,
-                                     "scored": len(new.config.architecture_scores["scored"]),
-                                     "rows": family(new, grid, held_out, parent_losses, args.batch_size)}
+    variants = [("quality", True)] + ([("quality, no norm gains", False)] if args.without_norm_gains else [])
+    for name, norm_correction in variants:
+        t0 = time.time()
+        new = LlamaFlexForCausalLM.from_llama(parent, calib, importance=importance, score_data=score,
+                                              score_budgets=[b for b in grid if b < 1], top_k=args.top_k,
+                                              norm_correction=norm_correction)
+        seconds = round(time.time() - t0, 1)
+        print(f"{name} (importance {importance or 'default'}, top {args.top_k}, {seconds}s to convert):")
+        result["families"][name] = {"convert_seconds": seconds, "scored": len(new.config.architecture_scores["scored"]),
+                                    "rows": family(new, grid, held_out, parent_losses, args.batch_size)}
+        del new
     result["seconds"] = round(time.time() - start, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:

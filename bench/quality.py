@@ -31,10 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 from bench.quality_methods import block_losses, mean, paired, router_interpolation, run_flex, run_oneshot, run_separate, se
 from modeling_llamaflex import LlamaFlexForCausalLM
+from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, resolve_parent
 from training.data import DataArguments, build_lm_datasets, lm_data_collator
 
 logger = logging.getLogger("bench.quality")
@@ -209,7 +209,7 @@ def plot(results: dict, meta: dict, names: list[str], path: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parent", default="runs/toy-parent")
+    p.add_argument("--parent", default="runs/toy-parent", help="a Llama folder, a .gguf, or smollm2-135m")
     p.add_argument("--train_file", default=".cache/shakespeare/train.txt")
     p.add_argument("--validation_file", default=".cache/shakespeare/validation.txt")
     p.add_argument("--block_size", type=int, default=256)
@@ -245,14 +245,19 @@ def main(argv=None) -> dict:
     logging.getLogger("transformers").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.parent)
+    source = resolve_parent(args.parent)  # a folder, a .gguf or a built-in name (smollm2-135m)
+    tokenizer = load_parent_tokenizer(source)
+    if not os.path.exists(args.train_file):
+        from training.corpus import fetch_shakespeare
+
+        fetch_shakespeare(os.path.dirname(args.train_file))
     data = build_lm_datasets(DataArguments(train_file=args.train_file, validation_file=args.validation_file,
                                            block_size=args.block_size), tokenizer)
     val_blocks = torch.tensor(data["validation"][: args.eval_blocks]["input_ids"])
     c, s = args.calibration_blocks, args.score_blocks
     calibration = torch.tensor(data["train"][:c]["input_ids"])
     score = torch.tensor(data["train"][c:c + s]["input_ids"])
-    parent = LlamaForCausalLM.from_pretrained(args.parent, dtype=torch.float32).eval()
+    parent = load_parent_model(source).eval()
     parent_blocks = block_losses(parent, val_blocks, args.eval_batch_size)
     torch.manual_seed(args.seed)
     converted = os.path.join(args.out, "converted.pt")  # conversion takes minutes on busy cores: kept for --reuse

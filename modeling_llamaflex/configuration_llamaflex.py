@@ -133,6 +133,12 @@ class LlamaFlexConfig(LlamaConfig):
         architecture_scores (`dict`, *optional*): what conversion measured to rank architectures by quality
             (`search.score_architectures`): the metric, the parent's score, the cost of each single-axis cut and
             the measured loss of every scored candidate. `architecture(b)` uses it without data at load time.
+        hidden_norm_gains (`list[list[float]]`, *optional*): per hidden choice (aligned with `hidden_choices`), a
+            gain for each RMSNorm (layer l's input norm at 2l, its post-attention norm at 2l + 1, the final norm
+            last), measured at conversion: a sub-model's norm divides by the RMS of its kept channels only, which
+            is larger than the parent's when the dropped channels carry little energy; the gain (the mean over
+            calibration tokens of RMS(kept) / RMS(all)) gives the norm outputs back the parent's scale. Folded
+            into the norm weights at export; 1 for the full width. None: no correction.
         budget (`float | str`, *optional*): the active budget. None means the full model. When set at load
             time (`from_pretrained(..., budget=0.5)`) the returned model holds only that sub-model.
         elastic (`bool`): False for a model that holds one sub-model only (loaded at a budget); it has no
@@ -158,6 +164,7 @@ class LlamaFlexConfig(LlamaConfig):
     use_modulation: bool = True
     budget_tolerance: float = 0.05
     architecture_scores: dict | None = None
+    hidden_norm_gains: list[list[float]] | None = None
     budget: float | int | str | None = None
     elastic: bool = True
 
@@ -255,6 +262,17 @@ class LlamaFlexConfig(LlamaConfig):
                     f"budgets {unreachable} cannot be reached: the smallest sub-model these choices allow keeps "
                     f"{low:.4f} of the parent; allowed budgets are [{low:.4f}, 1]"
                 )
+        if self.hidden_norm_gains is not None:
+            rows, norms = len(self.hidden_norm_gains), 2 * self.num_hidden_layers + 1
+            if rows != len(self.hidden_choices) or any(len(g) != norms for g in self.hidden_norm_gains):
+                raise ValueError(
+                    f"hidden_norm_gains must hold one list of {norms} gains (2 per layer + the final norm) per hidden "
+                    f"choice ({len(self.hidden_choices)}: {self.hidden_choices}), got {rows} lists of lengths "
+                    f"{sorted({len(g) for g in self.hidden_norm_gains})}"
+                )
+            if any(g != 1.0 for g in self.hidden_norm_gains[-1]):
+                raise ValueError("hidden_norm_gains of the full width (the last row) must all be 1.0: the parent is "
+                                 "never rescaled")
         if not 0.0 <= self.budget_tolerance < 1.0:
             raise ValueError(f"budget_tolerance must be in [0, 1), got {self.budget_tolerance}")
         for name in ("router_embed_dim", "router_hidden_dim", "modulation_hidden_dim"):
@@ -335,6 +353,7 @@ _FLEX_FIELDS = {
     "hidden_choices", "head_choices", "mlp_choices", "depth_choices", "layer_ranking", "budgets",
     "router_embed_dim", "router_hidden_dim", "router_budget_embedding", "modulation_embed_dim", "modulation_hidden_dim",
     "use_modulation", "budget_tolerance", "budget", "elastic", "architecture_scores",
+    "hidden_norm_gains",
 }
 
 __all__ = ["LlamaFlexConfig", "AXES", "default_choices", "parse_budget"]

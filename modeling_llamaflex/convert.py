@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .importance import head_order, rank, score_units
@@ -93,8 +94,55 @@ def permute_state_dict(state: dict[str, torch.Tensor], config, orders: Orders) -
 
 
 @torch.no_grad()
+def calibrate_norm_gains(flex, data, batch_size: int = 8, progress: bool = True) -> list[list[float]]:
+    """`config.hidden_norm_gains` of a converted model (its channels in importance order), from the full model's
+    RMSNorm inputs x on `data`: per hidden choice k and norm, the mean over tokens of RMS(x[:k]) / RMS(x).
+
+    A sub-model's RMSNorm divides by the RMS of its k kept channels; when the dropped ones carry less than their
+    share of the energy that RMS is larger than the parent's, and every norm output shrinks (by up to sqrt(H/k)).
+    The gain restores the parent's scale on average; it is 1 for the full width.
+    """
+    from .importance import calibration_batches
+
+    config = flex.config
+    choices = config.hidden_choices
+    norms = [module for layer in flex.model.layers for module in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms.append(flex.model.norm)
+    sums = torch.zeros(len(choices), len(norms), dtype=torch.float64)
+    batch: dict = {}
+
+    def watch(index):
+        def hook(module, args):
+            square = args[0].float().pow(2)
+            total = square.mean(-1) + module.variance_epsilon
+            mask = batch["mask"].float()
+            for c, k in enumerate(choices):
+                ratio = ((square[..., :k].mean(-1) + module.variance_epsilon) / total).sqrt()
+                sums[c, index] += float((ratio * mask).sum())
+
+        return hook
+
+    hooks = [norm.register_forward_pre_hook(watch(i)) for i, norm in enumerate(norms)]
+    device = next(flex.parameters()).device
+    tokens = 0
+    try:
+        for ids, mask in tqdm(list(calibration_batches(data, batch_size)), desc="norm gains", disable=not progress):
+            ids = ids.to(device)
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            batch["mask"] = mask
+            flex(input_ids=ids, attention_mask=mask, use_cache=False)
+            tokens += int(mask.sum())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    gains = (sums / max(tokens, 1)).tolist()
+    gains[-1] = [1.0] * len(norms)  # the full width: exactly the parent
+    return [[round(g, 6) for g in row] for row in gains]
+
+
+@torch.no_grad()
 def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress: bool = True, importance=None,
-               score_data=None, score_budgets=None, top_k: int = 8, **elastic):
+               score_data=None, score_budgets=None, top_k: int = 8, norm_correction: bool = True, **elastic):
     """An elastic model holding the parent's weights; at full budget it gives the parent's logits.
 
     With `calibration_data` (token ids: a tensor, a list of sequences, a `datasets.Dataset` or batches),
@@ -107,6 +155,8 @@ def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress:
     budgets and the midpoints between them) are scored by next-token loss on `score_data` (default: the
     calibration data), stored in `config.architecture_scores`, and the routers are fitted so that their argmax
     at each trained budget is that budget's best architecture. `top_k=0` skips this.
+    With calibration data and `norm_correction`, each hidden width gets RMSNorm gains that give its norm outputs
+    the parent's scale (`calibrate_norm_gains`, `config.hidden_norm_gains`), measured before the scoring.
     `elastic` overrides `LlamaFlexConfig` fields (choices, budgets, ...). The parent is not modified.
     """
     llama = load_llama(llama)
@@ -128,6 +178,8 @@ def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress:
         flex.tie_weights()
     flex.generation_config = llama.generation_config
     config = flex.config
+    if calibration_data is not None and norm_correction and len(config.hidden_choices) > 1:
+        config.hidden_norm_gains = calibrate_norm_gains(flex.eval(), calibration_data, batch_size, progress)
     if calibration_data is not None and top_k > 0 and config.elastic:
         from .architecture import search_architecture
         from .search import fit_routers, score_architectures
@@ -145,4 +197,4 @@ def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress:
     return flex.eval()
 
 
-__all__ = ["Orders", "from_llama", "importance_orders", "load_llama", "permute_state_dict"]
+__all__ = ["Orders", "calibrate_norm_gains", "from_llama", "importance_orders", "load_llama", "permute_state_dict"]

@@ -68,14 +68,19 @@ class ElasticRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor, width_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, width_scale: torch.Tensor | None = None,
+                gain: torch.Tensor | None = None) -> torch.Tensor:
+        """`gain`: the sub-model's norm gain (`config.hidden_norm_gains`), folded into the weight as at export."""
         dtype = x.dtype
         x = x.to(torch.float32)
         variance = x.pow(2).mean(-1, keepdim=True)
         if width_scale is not None:
             variance = variance * width_scale
         x = x * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight[: x.shape[-1]] * x.to(dtype)
+        weight = self.weight[: x.shape[-1]]
+        if gain is not None:
+            weight = (weight.float() * gain.float()).to(weight.dtype)
+        return weight * x.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -121,6 +126,7 @@ class ElasticState:
     """
 
     gains: torch.Tensor | None = None  # (2, L) modulation gains, set by the model
+    norm_gains: torch.Tensor | None = None  # (2L + 1,) RMSNorm gains of the hidden width, set by the model
 
     @classmethod
     def for_architecture(cls, arch: Architecture) -> ElasticState:
@@ -158,6 +164,10 @@ class ElasticState:
         self.width_scale = None
         self.layer_weight = {layer: gates["depth"] for layer in self.kept_layers}
 
+    def norm_gain(self, index: int) -> torch.Tensor | None:
+        """The gain of RMSNorm `index` (2l: layer l's input norm, 2l + 1: its post-attention norm, 2L: the last)."""
+        return None if self.norm_gains is None else self.norm_gains[index]
+
     def branch_scale(self, layer: int, branch: int) -> torch.Tensor | None:
         """Product of the modulation gain and the layer's keep weight for one residual branch."""
         scale = self.layer_weight[layer]
@@ -167,8 +177,21 @@ class ElasticState:
         return scale
 
 
+def norm_gains(config: LlamaFlexConfig, hidden: int | torch.Tensor, device=None) -> torch.Tensor | None:
+    """(2L + 1,) RMSNorm gains (`config.hidden_norm_gains`) of hidden choice `hidden` (an index), or their
+    π-weighted mean for choice probabilities `hidden`; None without gains or at the full width."""
+    table = config.hidden_norm_gains
+    if table is None:
+        return None
+    if isinstance(hidden, torch.Tensor):
+        return hidden.float() @ torch.tensor(table, dtype=torch.float32, device=hidden.device)
+    if hidden == len(table) - 1:
+        return None
+    return torch.tensor(table[hidden], dtype=torch.float32, device=device)
+
+
 def apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x * mask
 
 
-__all__ = ["ElasticLinear", "ElasticRMSNorm", "ElasticState", "Policy", "apply_mask", "slice_dim", "staircase"]
+__all__ = ["ElasticLinear", "ElasticRMSNorm", "ElasticState", "Policy", "apply_mask", "norm_gains", "slice_dim", "staircase"]

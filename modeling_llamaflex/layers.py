@@ -131,11 +131,13 @@ class LlamaFlexDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         scale = state.width_scale if state is not None else None
+        gains = (None, None) if state is None else (state.norm_gain(2 * self.layer_idx), state.norm_gain(2 * self.layer_idx + 1))
         branch, _ = self.self_attn(
-            self.input_layernorm(hidden_states, scale), state, position_embeddings, attention_mask, cache, cache_idx, **kwargs
+            self.input_layernorm(hidden_states, scale, gains[0]), state, position_embeddings, attention_mask, cache,
+            cache_idx, **kwargs
         )
         hidden_states = hidden_states + self._scale_branch(branch, state, 0)
-        branch = self.mlp(self.post_attention_layernorm(hidden_states, scale), state)
+        branch = self.mlp(self.post_attention_layernorm(hidden_states, scale, gains[1]), state)
         return hidden_states + self._scale_branch(branch, state, 1)
 
     def _scale_branch(self, branch: torch.Tensor, state: ElasticState | None, which: int) -> torch.Tensor:

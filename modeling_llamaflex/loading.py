@@ -185,7 +185,7 @@ def load_at_budget(cls, path, config: LlamaFlexConfig, budget, **kwargs):
     data.update(sub_model_sizes(arch))
     data.update(
         hidden_choices=[arch.hidden], head_choices=[arch.heads], mlp_choices=[arch.mlp], depth_choices=[arch.depth],
-        layer_ranking=list(range(arch.depth)), elastic=False, budget=budget,
+        layer_ranking=list(range(arch.depth)), elastic=False, budget=budget, hidden_norm_gains=None,  # folded
     )
     sub_config = LlamaFlexConfig(**data)
     if kwargs.get("attn_implementation"):

@@ -29,7 +29,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .architecture import Architecture, architecture_for_logits, budget_loss, expected_parameters, is_full
 from .configuration_llamaflex import AXES, LlamaFlexConfig, parse_budget
-from .elastic import ElasticLinear, ElasticRMSNorm, ElasticState, Policy, apply_mask
+from .elastic import ElasticLinear, ElasticRMSNorm, ElasticState, Policy, apply_mask, norm_gains
 from .layers import LlamaFlexAttention, LlamaFlexDecoderLayer
 from .lora import ElasticParent
 from .modulation import AxisModulation, PolicyModulation
@@ -185,11 +185,13 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
         if policy is not None:
             state = ElasticState(self.config, policy)
             state.gains = self.modulation(policy.probs) if self.modulation is not None else None
+            state.norm_gains = norm_gains(self.config, policy.probs["hidden"])
             return state
         if architecture is None or is_full(self.config, architecture.indices):
             return None
         state = ElasticState.for_architecture(architecture)
         state.gains = self.modulation.for_indices(architecture.indices) if self.modulation is not None else None
+        state.norm_gains = norm_gains(self.config, architecture.indices["hidden"], self.embed_tokens.weight.device)
         return state
 
     # ---- forward ----
@@ -249,7 +251,10 @@ class LlamaFlexModel(LlamaFlexPreTrainedModel):
                 position_ids=position_ids,
                 **kwargs,
             )
-        hidden_states = self.norm(hidden_states, state.width_scale if state is not None else None)
+        if state is not None:
+            hidden_states = self.norm(hidden_states, state.width_scale, state.norm_gain(2 * self.config.num_hidden_layers))
+        else:
+            hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 

@@ -1,7 +1,7 @@
 """Cutting a sub-model out of the shared weights (docs/design.md, "Extraction"), with no file I/O.
 
 `sub_model_tensors` names every slice a sub-model needs and folds the modulation gains into
-o_proj/down_proj. It reads through a `reader(name, rows, cols)`, so the same code cuts from tensors in memory
+o_proj/down_proj and the hidden width's norm gains (`config.hidden_norm_gains`) into the RMSNorm weights. It reads through a `reader(name, rows, cols)`, so the same code cuts from tensors in memory
 (`extract`, via `memory_reader`) and from safetensors files, reading only the needed bytes
 (`loading.load_at_budget`, via `safetensors_io.SafetensorsReader`).
 """
@@ -17,6 +17,7 @@ from transformers.initialization import no_init_weights
 
 from .architecture import Architecture, is_full
 from .configuration_llamaflex import LlamaFlexConfig
+from .elastic import norm_gains
 from .lora import has_peft_layers, merged_state_dict
 from .modulation import PolicyModulation
 
@@ -82,11 +83,15 @@ def sub_model_tensors(
     """The state dict, in `LlamaForCausalLM` names, of the sub-model `arch`; `gains` (2, L) are folded."""
     ranges = {"hidden": [(0, arch.hidden)], "mlp": [(0, arch.mlp)], "heads": _head_ranges(config, arch.heads),
               "kv": None, "vocab": None, None: None}
+    norms = norm_gains(config, arch.indices["hidden"]) if arch.indices else None
     out = {}
     for name, (rows, cols, which, layer) in _tensors(config, arch.kept_layers).items():
         tensor = reader(_parent_name(name, layer), ranges[rows], ranges[cols])
         if gains is not None and which is not None:
             tensor = (tensor.float() * gains[which, layer].float()).to(tensor.dtype)
+        if norms is not None and name.endswith("norm.weight"):
+            index = 2 * config.num_hidden_layers if layer is None else 2 * layer + name.endswith("post_attention_layernorm.weight")
+            tensor = (tensor.float() * norms[index]).to(tensor.dtype)
         out[name] = tensor
     return out
 

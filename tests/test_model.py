@@ -249,3 +249,30 @@ def test_activation_checkpointing_gives_the_same_gradients(llama, input_ids):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_norm_gains_are_the_same_sliced_masked_extracted_and_loaded_at_a_budget(llama, input_ids, tmp_path):
+    """Random RMSNorm gains per hidden width (as conversion measures them): the sliced, the masked one-hot and
+    the extracted sub-model agree, so do the model loaded at its budget from files; the full model is untouched."""
+    flex = elastic(llama)
+    config = flex.config
+    norms = 2 * config.num_hidden_layers + 1
+    torch.manual_seed(7)
+    config.hidden_norm_gains = [(1 + 0.3 * torch.rand(norms)).tolist() for _ in config.hidden_choices[:-1]]
+    config.hidden_norm_gains.append([1.0] * norms)
+    indices = ARCHITECTURES[1]
+    arch = make_architecture(config, indices)
+    reference = flex.extract(arch)(input_ids).logits
+    sliced = flex(input_ids, policy=Policy.one_hot(config, indices, sliced=True)).logits
+    masked = flex(input_ids, policy=Policy.one_hot(config, indices, sliced=False)).logits
+    torch.testing.assert_close(sliced, reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(masked, reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(flex(input_ids, architecture=arch).logits, reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(flex(input_ids).logits, llama(input_ids).logits, atol=ATOL, rtol=0)
+    budget = 0.5
+    assert flex.architecture(budget).hidden < config.hidden_size
+    flex.save_pretrained(tmp_path)
+    loaded = LlamaFlexForCausalLM.from_pretrained(tmp_path, budget=budget)
+    torch.testing.assert_close(loaded(input_ids).logits, flex.extract(budget)(input_ids).logits, atol=ATOL, rtol=0)
+    config.hidden_norm_gains[indices["hidden"]] = [1.0] * norms  # the gains matter: without them it differs
+    assert not torch.allclose(flex(input_ids, architecture=arch).logits, reference, atol=1e-3)

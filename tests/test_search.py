@@ -126,3 +126,30 @@ def test_invalid_explicit_choices_are_refused_naming_them():
         LlamaFlexConfig.from_llama_config(parent, head_choices=[4, 6, 8])
     with pytest.raises(CONFIG_ERRORS, match=r"hidden 36 with 8 heads"):
         LlamaFlexConfig.from_llama_config(parent, hidden_choices=[36, 64])
+
+
+def test_dead_hidden_channels_are_cut_loss_free_thanks_to_the_norm_gains(input_ids):
+    """16 of the 64 residual channels carry nothing (zero embedding columns, zero o_proj/down_proj rows): the
+    hidden-48 sub-model computes the same as the parent except that its RMSNorms divide by the RMS of 48
+    channels, sqrt(64/48) times larger (exactly so with a negligible epsilon). Conversion measures that gain;
+    the cut is then loss-free, sliced and exported, and it is not without the gains."""
+    llama = tiny_llama(rms_norm_eps=1e-12)
+    torch.manual_seed(1)
+    dead = torch.randperm(64)[:16]
+    with torch.no_grad():
+        llama.model.embed_tokens.weight[:, dead] = 0
+        for layer in llama.model.layers:
+            layer.self_attn.o_proj.weight[dead] = 0
+            layer.mlp.down_proj.weight[dead] = 0
+    flex = LlamaFlexForCausalLM.from_llama(llama, calibration(), progress=False, hidden_choices=[32, 48, 64], top_k=0)
+    config = flex.config
+    gains = torch.tensor(config.hidden_norm_gains)
+    torch.testing.assert_close(gains[1], torch.full((9,), (64 / 48) ** 0.5, dtype=torch.float32), atol=1e-4, rtol=0)
+    assert torch.all(gains[2] == 1.0)
+    full = {a: len(config.choices[a]) - 1 for a in AXES}
+    arch = make_architecture(config, dict(full, hidden=1))
+    expected = llama(input_ids).logits
+    torch.testing.assert_close(flex(input_ids, architecture=arch).logits, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(flex.extract(arch)(input_ids).logits, expected, atol=1e-4, rtol=0)
+    config.hidden_norm_gains = None
+    assert not torch.allclose(flex(input_ids, architecture=arch).logits, expected, atol=1e-2)
