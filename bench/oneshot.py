@@ -7,9 +7,8 @@ search, on a grid of budgets, scored by held-out loss (issue 11, bench/QUALITY.m
 Both families come from the same parent and calibration blocks (training text). "size rule" is what
 `from_llama` did first: activation importance, and the largest exportable combination within ±5% of each
 budget, no RMSNorm gains. "quality" is today's default: `--importance` scorers, and the candidates ranked by measured KL to the
-parent on the last `--score` calibration blocks (`modeling_llamaflex.search`), scored for every budget of the grid,
-with the hidden widths' RMSNorm gains (`convert.calibrate_norm_gains`; `--without_norm_gains` adds the same
-family without them). Each sub-model
+parent on the last `--score` calibration blocks (`modeling_llamaflex.search`), scored for every budget of the grid;
+`--with_norm_gains` adds the same family with the hidden widths' RMSNorm gains (`convert.calibrate_norm_gains`). Each sub-model
 is run sliced on held-out blocks (the validation plays) and its mean next-token loss is reported with the
 standard error over blocks of its difference to the parent's loss (paired: the same blocks).
 """
@@ -74,8 +73,12 @@ def main(argv=None) -> dict:
     p.add_argument("--grid", type=int, default=20, help="budgets from the smallest reachable to 1")
     p.add_argument("--top_k", type=int, default=8)
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--without_norm_gains", action="store_true",
-                   help="also the quality family converted with norm_correction=False (the RMSNorm gains' ablation)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the families already in --out that this run does not measure (e.g. the size rule)")
+    p.add_argument("--label", default="quality", help="the name of the quality family in the results")
+    p.add_argument("--skip_size_rule", action="store_true", help="do not measure the size rule (use with --keep)")
+    p.add_argument("--with_norm_gains", action="store_true",
+                   help="also the quality family converted with norm_correction=True (RMSNorm gains per hidden width)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -87,16 +90,25 @@ def main(argv=None) -> dict:
     result = {"parent": info, "args": vars(args), "parent_loss": float(parent_losses.mean()), "families": {}}
     print(f"parent {args.parent}: held-out loss {result['parent_loss']:.4f}")
 
-    t0 = time.time()
-    old = LlamaFlexForCausalLM.from_llama(parent, calib, importance=OLD_IMPORTANCE, top_k=0, progress=False,
-                                          norm_correction=False)
-    grid = torch.linspace(smallest_budget(old.config), 1.0, args.grid).tolist()
+    grid = None
+    if not args.skip_size_rule:
+        t0 = time.time()
+        old = LlamaFlexForCausalLM.from_llama(parent, calib, importance=OLD_IMPORTANCE, top_k=0, progress=False,
+                                              norm_correction=False)
+        grid = torch.linspace(smallest_budget(old.config), 1.0, args.grid).tolist()
+        print("size rule (activation importance, largest within tolerance):")
+        result["families"]["size rule"] = {"convert_seconds": round(time.time() - t0, 1),
+                                           "rows": family(old, grid, held_out, parent_losses, args.batch_size)}
+        del old
+    kept = {}
+    if args.keep and os.path.exists(args.out):
+        with open(args.out) as fh:
+            kept = json.load(fh)
+        grid = grid or kept["grid"]
+    if grid is None:
+        raise SystemExit("--skip_size_rule needs --keep and an --out file that holds the grid")
     result["grid"] = grid
-    print("size rule (activation importance, largest within tolerance):")
-    result["families"]["size rule"] = {"convert_seconds": round(time.time() - t0, 1),
-                                       "rows": family(old, grid, held_out, parent_losses, args.batch_size)}
-    del old
-    variants = [("quality", True)] + ([("quality, no norm gains", False)] if args.without_norm_gains else [])
+    variants = [(args.label, False)] + ([(args.label + " + norm gains", True)] if args.with_norm_gains else [])
     for name, norm_correction in variants:
         t0 = time.time()
         new = LlamaFlexForCausalLM.from_llama(parent, calib, importance=importance, score_data=score,
@@ -107,6 +119,10 @@ def main(argv=None) -> dict:
         result["families"][name] = {"convert_seconds": seconds, "scored": len(new.config.architecture_scores["scored"]),
                                     "rows": family(new, grid, held_out, parent_losses, args.batch_size)}
         del new
+    for name, fam in kept.get("families", {}).items():
+        if name not in result["families"]:
+            result["families"][name] = {**fam, "kept_from_earlier_run": True}
+    result["families"] = {n: result["families"][n] for n in sorted(result["families"], key=lambda n: n != "size rule")}
     result["seconds"] = round(time.time() - start, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:

@@ -63,7 +63,8 @@ def cmd_convert(args) -> None:
               f"{len(data if score is None else score)}")
     importance = json.loads(args.importance) if args.importance and args.importance.startswith("{") else args.importance
     flex = LlamaFlexForCausalLM.from_llama(parent, data, batch_size=args.batch_size, importance=importance,
-                                           score_data=score, top_k=args.top_k, **elastic)
+                                           score_data=score, top_k=args.top_k, norm_correction=args.norm_correction,
+                                           **elastic)
     if flex.config.architecture_scores:
         from .search import format_scores
 
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m modeling_llamafle
     p.add_argument("--score_samples", type=int, default=8,
                    help="further sequences the candidate architectures are scored on (KL to the parent)")
     p.add_argument("--top_k", type=int, default=8, help="candidates scored per budget (0: no quality ranking)")
+    p.add_argument("--norm_correction", action="store_true",
+                   help="RMSNorm gains per hidden width (off by default: docs/design.md, Conversion)")
     p.add_argument("--elastic", help='JSON of LlamaFlexConfig overrides, e.g. \'{"budgets": [0.5, 0.75]}\'')
     p.set_defaults(func=cmd_convert)
 

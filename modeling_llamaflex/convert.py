@@ -142,7 +142,7 @@ def calibrate_norm_gains(flex, data, batch_size: int = 8, progress: bool = True)
 
 @torch.no_grad()
 def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress: bool = True, importance=None,
-               score_data=None, score_budgets=None, top_k: int = 8, norm_correction: bool = True, **elastic):
+               score_data=None, score_budgets=None, top_k: int = 8, norm_correction: bool = False, **elastic):
     """An elastic model holding the parent's weights; at full budget it gives the parent's logits.
 
     With `calibration_data` (token ids: a tensor, a list of sequences, a `datasets.Dataset` or batches),
@@ -156,7 +156,9 @@ def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress:
     calibration data), stored in `config.architecture_scores`, and the routers are fitted so that their argmax
     at each trained budget is that budget's best architecture. `top_k=0` skips this.
     With calibration data and `norm_correction`, each hidden width gets RMSNorm gains that give its norm outputs
-    the parent's scale (`calibrate_norm_gains`, `config.hidden_norm_gains`), measured before the scoring.
+    the parent's scale (`calibrate_norm_gains`, `config.hidden_norm_gains`), measured before the scoring. Off by
+    default: on SmolLM2 they help a cut of the hidden width alone but hurt sub-models that also cut heads, MLP
+    or depth (docs/design.md, "Conversion").
     `elastic` overrides `LlamaFlexConfig` fields (choices, budgets, ...). The parent is not modified.
     """
     llama = load_llama(llama)

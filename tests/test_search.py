@@ -52,6 +52,7 @@ def test_scores_travel_with_the_checkpoint(tmp_path):
     flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), calibration(), progress=False)
     scores = flex.config.architecture_scores
     assert scores["metric"] == "kl_to_parent" and scores["scored"] and set(scores["axis_costs"]) == set(AXES)
+    assert flex.config.hidden_norm_gains is None  # off by default
     before = {b: flex.architecture(b).to_dict() for b in (0.5, 0.6, 0.75, 0.9)}
     flex.save_pretrained(tmp_path)
     loaded = LlamaFlexForCausalLM.from_pretrained(tmp_path)
@@ -141,7 +142,8 @@ def test_dead_hidden_channels_are_cut_loss_free_thanks_to_the_norm_gains(input_i
         for layer in llama.model.layers:
             layer.self_attn.o_proj.weight[dead] = 0
             layer.mlp.down_proj.weight[dead] = 0
-    flex = LlamaFlexForCausalLM.from_llama(llama, calibration(), progress=False, hidden_choices=[32, 48, 64], top_k=0)
+    flex = LlamaFlexForCausalLM.from_llama(llama, calibration(), progress=False, hidden_choices=[32, 48, 64], top_k=0,
+                                                norm_correction=True)
     config = flex.config
     gains = torch.tensor(config.hidden_norm_gains)
     torch.testing.assert_close(gains[1], torch.full((9,), (64 / 48) ** 0.5, dtype=torch.float32), atol=1e-4, rtol=0)
