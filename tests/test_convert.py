@@ -83,6 +83,26 @@ def test_dominant_neuron_and_head_land_first():
     assert sorted(orders.heads[2, :4].tolist()) == [0, 1, 2, 3]  # heads never leave their group
 
 
+def test_mlp_l2_scores_are_the_root_mean_square_of_the_down_proj_input():
+    """`activation_l2` (the MLP default) against an independent hook on down_proj's input; a neuron that fires
+    rarely but hard ranks above one that fires weakly everywhere with a larger mean |a|."""
+    llama = tiny_llama()
+    data = calibration()
+    seen = []
+    hook = llama.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    stats = importance.collect_statistics(llama, data, progress=False)
+    hook.remove()
+    a = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
+    torch.testing.assert_close(importance.mlp_scores(stats, "l2")[1], a.pow(2).mean(0).sqrt(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(importance.mlp_scores(stats)[1], a.abs().mean(0), rtol=1e-5, atol=0)
+    assert importance.DEFAULT_SCORERS["mlp"] == "activation_l2"
+    # rare and large (|a| = 8 on one token in 16) against weak everywhere (|a| = 1): mean 0.5 < 1, RMS 2 > 1
+    stats.mlp_squares[1, :2] = torch.tensor([64.0 / 16, 1.0]) * stats.tokens
+    stats.mlp[1, :2] = torch.tensor([8.0 / 16, 1.0]) * stats.tokens
+    assert importance.mlp_scores(stats, "l2")[1, 0] > importance.mlp_scores(stats, "l2")[1, 1]
+    assert importance.mlp_scores(stats)[1, 0] < importance.mlp_scores(stats)[1, 1]
+
+
 def test_taylor_ranks_a_harmless_head_last_where_activation_ranks_it_first():
     """Head 4 (first of KV group 1) of layer 2 has the largest output but o_proj ignores it: dropping it costs
     nothing. Activation norms put it first in its group; the Taylor score (the default) puts it last."""
