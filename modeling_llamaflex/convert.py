@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .importance import head_order, rank, score_units
@@ -102,7 +101,7 @@ def calibrate_norm_gains(flex, data, batch_size: int = 8, progress: bool = True)
     share of the energy that RMS is larger than the parent's, and every norm output shrinks (by up to sqrt(H/k)).
     The gain restores the parent's scale on average; it is 1 for the full width.
     """
-    from .importance import calibration_batches
+    from .importance import device_batches
 
     config = flex.config
     choices = config.hidden_choices
@@ -123,12 +122,9 @@ def calibrate_norm_gains(flex, data, batch_size: int = 8, progress: bool = True)
         return hook
 
     hooks = [norm.register_forward_pre_hook(watch(i)) for i, norm in enumerate(norms)]
-    device = next(flex.parameters()).device
     tokens = 0
     try:
-        for ids, mask in tqdm(list(calibration_batches(data, batch_size)), desc="norm gains", disable=not progress):
-            ids = ids.to(device)
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+        for ids, mask in device_batches(flex, data, batch_size, progress, "norm gains"):
             batch["mask"] = mask
             flex(input_ids=ids, attention_mask=mask, use_cache=False)
             tokens += int(mask.sum())

@@ -93,6 +93,14 @@ def calibration_batches(data, batch_size: int = 8) -> Iterable[tuple[torch.Tenso
         yield ids, mask
 
 
+def device_batches(model, data, batch_size: int = 8, progress: bool = True, desc: str = "calibration"):
+    """`calibration_batches` on the model's device, with a progress bar; the mask is never None (all ones)."""
+    device = next(model.parameters()).device
+    for ids, mask in tqdm(list(calibration_batches(data, batch_size)), desc=desc, disable=not progress):
+        ids = ids.to(device)
+        yield ids, (torch.ones_like(ids) if mask is None else mask.to(device))
+
+
 def _watch_layer(layer, mlp_hook, head_hook, norm_hook, layer_hook) -> list:
     """Hook a decoder layer where every scorer reads it: the input of down_proj (MLP neurons), the input of
     o_proj (heads), both RMSNorm outputs (hidden channels) and the block itself (layers)."""
@@ -141,11 +149,8 @@ def collect_statistics(model, data, batch_size: int = 8, progress: bool = True) 
         hooks += _watch_layer(layer, mlp_hook, head_hook, norm_hook, layer_hook)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     try:
-        for ids, mask in tqdm(list(calibration_batches(data, batch_size)), desc="calibration", disable=not progress):
-            ids = ids.to(device)
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+        for ids, mask in device_batches(model, data, batch_size, progress):
             token_mask["mask"] = mask
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             stats.tokens += int(mask.sum())
@@ -221,12 +226,8 @@ def collect_taylor_statistics(model, data, batch_size: int = 8, progress: bool =
     model.requires_grad_(False)
     embed = model.get_input_embeddings()
     hooks.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
-    device = next(model.parameters()).device
     try:
-        for ids, mask in tqdm(list(calibration_batches(data, batch_size)), desc="calibration (taylor)",
-                              disable=not progress):
-            ids = ids.to(device)
-            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+        for ids, mask in device_batches(model, data, batch_size, progress, "calibration (taylor)"):
             batch.update(mask=mask, hidden=[])
             _loss(model, ids, mask).backward()
             stats.hidden += torch.stack(batch["hidden"]).sum(0).abs().sum(0)  # one channel: all its norms together
