@@ -232,6 +232,9 @@ def main(argv=None) -> dict:
     p.add_argument("--flex", default="exported", help="the variant reported as 'flex' in --json (the default recipe)")
     p.add_argument("--skip", nargs="*", default=[], help="methods not to run: oneshot, separate, router_interpolation")
     p.add_argument("--reuse", action="store_true")
+    p.add_argument("--rescore", action="store_true",
+                   help="after each elastic run, score the candidates again on the trained weights and measure the grid "
+                        "again (reported as <variant>+rescored)")
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--json", default="")
     p.add_argument("--plot", default="bench/quality.png")
@@ -278,8 +281,9 @@ def main(argv=None) -> dict:
     logger.info("parent loss %.4f; T = %d; one-shot: %s", meta["parent_loss"], meta["tokens_per_method"],
                 {b: str(flex0.architecture(b)) for b in args.budgets})
     ctx = {"parent": parent, "flex0": flex0, "train": data["train"], "val_blocks": val_blocks, "grid": grid,
-           "collator": lm_data_collator(tokenizer), "oneshot_arch": {b: flex0.architecture(b) for b in args.budgets}}
-    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "flex", "skip", "reuse", "out", "json", "plot", "threads")}
+           "collator": lm_data_collator(tokenizer), "score": score, "oneshot_arch": {b: flex0.architecture(b) for b in args.budgets}}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("variants", "flex", "skip", "reuse", "out", "json", "plot", "threads", "rescore")}
     results = {}
     todo = [m for m in ("oneshot", "separate", "router_interpolation") if m not in args.skip] + list(args.variants)
     for name in todo:
@@ -308,6 +312,11 @@ def main(argv=None) -> dict:
         os.replace(path + ".tmp", path)
         logger.info("==== %s done in %.0f s", name, res["wall_s"])
     names = [n for n in args.variants if n in results]
+    for n in list(names):  # --rescore: the same run, its grid exported with scores measured after training
+        if "rescored" in results[n]:
+            extra = results[n]["rescored"]
+            results[n + "+rescored"] = {**results[n], **extra, "variant": {**results[n]["variant"], "rescored": True}}
+            names.append(n + "+rescored")
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     text = tables(results, meta, names)
     with open(os.path.join(args.out, "tables.md"), "w") as fh:

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import Architecture, is_full, make_architecture, search_architecture
-from modeling_llamaflex.search import fit_routers
+from modeling_llamaflex.search import fit_routers, score_architectures
 from training.arguments import FlexTrainingArguments
 from training.trainer import FlexTrainer, distillation_loss
 
@@ -211,18 +211,16 @@ def run_flex(ctx, args, name: str, variant: dict) -> dict:
                                                                 note="one-shot architecture"), vb, bs, seen)
                   for b in args.budgets}
     full = block_losses(flex, vb, bs)
-    grid, picks = {}, {}
-    for b in ctx["grid"]:
-        key = f"{b:.4g}"
-        grid[key] = measure_sub(flex, b, vb, bs, seen) if b < 1 else {"loss": mean(full), "se": se(full), "blocks": full,
-                                                                "parameters": P, "fraction": 1.0}
-    for b in sorted(set(args.budgets) | set(ctx["grid"])):
-        if b >= 1:
-            continue
-        exported, raw = flex.architecture(b), router_pick(flex, b)
-        picks[f"{b:.4g}"] = {"exported": short(exported), "router": short(arch_row(raw, P)),
-                             "router_parameters": raw.num_parameters, "router_fraction": raw.num_parameters / P,
-                             "agree": exported.indices == raw.indices, "note": exported.note}
+    grid, picks = measure_grid(flex, ctx, args, full, seen)
+    rescored = None
+    if getattr(args, "rescore", False):
+        # the conversion-time scores are stale after training: measure the candidates again on the trained weights
+        start = time.perf_counter()
+        score_architectures(flex, ctx["score"], [b for b in ctx["grid"] if b < 1], progress=False)
+        rescore_s = round(time.perf_counter() - start, 1)
+        grid2, picks2 = measure_grid(flex, ctx, args, full, seen)
+        rescored = {"grid": grid2, "picks": picks2, "router_agrees": all(p["agree"] for p in picks2.values()),
+                    "rescore_s": rescore_s}
     # what each sample trained: soft mixtures, hard Gumbel samples, or the exported sub-models
     kinds = Counter()
     for _, _, b, hard in trainer.sample_log:
@@ -243,9 +241,29 @@ def run_flex(ctx, args, name: str, variant: dict) -> dict:
         "modulation_gains": {f"{b:g}": modulation_gains(flex, flex.architecture(b)) for b in args.budgets},
         "architectures_at_end": trainer.architecture_report(),
     }
+    if rescored is not None:
+        result["rescored"] = rescored
     logger.info("%s: %s; full %.4f; router agrees %s; %s", name,
                 {b: round(r["loss"], 4) for b, r in rows.items()}, mean(full), result["router_agrees"], dict(kinds))
     return result
+
+
+def measure_grid(flex, ctx, args, full: list[float], seen: dict) -> tuple[dict, dict]:
+    """The exported sub-model of every grid budget (measured), and the routers' own pick next to it."""
+    P, vb, bs = flex.config.parent_parameters(), ctx["val_blocks"], args.eval_batch_size
+    grid, picks = {}, {}
+    for b in ctx["grid"]:
+        key = f"{b:.4g}"
+        grid[key] = measure_sub(flex, b, vb, bs, seen) if b < 1 else {"loss": mean(full), "se": se(full), "blocks": full,
+                                                                "parameters": P, "fraction": 1.0}
+    for b in sorted(set(args.budgets) | set(ctx["grid"])):
+        if b >= 1:
+            continue
+        exported, raw = flex.architecture(b), router_pick(flex, b)
+        picks[f"{b:.4g}"] = {"exported": short(exported), "router": short(arch_row(raw, P)),
+                             "router_parameters": raw.num_parameters, "router_fraction": raw.num_parameters / P,
+                             "agree": exported.indices == raw.indices, "note": exported.note}
+    return grid, picks
 
 
 def router_interpolation(ctx, args) -> dict:
