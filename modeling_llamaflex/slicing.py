@@ -1,9 +1,10 @@
 """Cutting a sub-model out of the shared weights (docs/design.md, "Extraction"), with no file I/O.
 
 `sub_model_tensors` names every slice a sub-model needs and folds the modulation gains into
-o_proj/down_proj and the hidden width's norm gains (`config.hidden_norm_gains`) into the RMSNorm weights. It reads through a `reader(name, rows, cols)`, so the same code cuts from tensors in memory
-(`extract`, via `memory_reader`) and from safetensors files, reading only the needed bytes
-(`loading.load_at_budget`, via `safetensors_io.SafetensorsReader`).
+o_proj/down_proj and the hidden width's norm gains (`config.hidden_norm_gains`, if any) into the RMSNorm weights.
+It reads through a `reader(name, rows, cols)`, so the same code cuts from tensors in memory (`extract`, via
+`memory_reader`) and from safetensors files, reading only the needed bytes (`loading.load_at_budget`, via
+`safetensors_io.SafetensorsReader`).
 """
 
 from __future__ import annotations
