@@ -7,7 +7,8 @@
 #   PARENT=toy bash run_pipeline.sh               # the 5M Shakespeare toy parent, pretrained here (runs/pipeline-toy)
 #   RUN=runs/other FLEX_STEPS=96 EVAL_LIMIT=400 FORCE=1 bash run_pipeline.sh
 # Knobs (environment): PARENT, RUN, FLEX_STEPS, FLEX_ARGS (more training/run.py flags, e.g. "--block_size 64"),
-#   EVAL_LIMIT, EVAL_BUDGETS, TASKS (BIG-bench tasks, bb_*, are built only when asked for), PARENT_MINUTES, FORCE.
+#   EVAL_LIMIT, EVAL_BUDGETS, TASKS (BIG-bench tasks, bb_*, are built only when asked for, and left out with a
+#   warning when no package index has bigbench==1.0.0), PARENT_MINUTES, FORCE.
 set -euo pipefail
 cd "$(dirname "$0")"
 PARENT="${PARENT:-smollm2-135m}"
@@ -54,11 +55,22 @@ python -m training.corpus --out "$CORPUS"
 if [ "$PARENT" = toy ]; then
   python eval/build_tasks.py --corpus_dir "$CORPUS" --out "$RUN/tasks"
 else
-  BIGBENCH=(); [[ "$TASKS" == *bb_* ]] && BIGBENCH=(--bigbench)   # a 358 MB archive, fetched once: only when evaluated
+  BIGBENCH=(); [[ "$TASKS" == *bb_* ]] && BIGBENCH=(--bigbench --bigbench_optional)  # 358 MB, once: only when evaluated
   python eval/build_tasks.py --corpus_dir "$CORPUS" "${BIGBENCH[@]}" --chunk_chars 600 --out "$RUN/tasks"
   if [ ! -f "$RUN/parent/config.json" ]; then  # the de-quantised parent as a plain folder: the eval's reference
     python -m modeling_llamaflex parent "$PARENT" --out "$RUN/parent"
   fi
+fi
+KEPT=(); SKIPPED=()  # BIG-bench tasks that could not be built (archive unreachable) are left out, and said so
+IFS=, read -ra WANTED <<< "$TASKS"
+for task in "${WANTED[@]}"; do
+  if [[ "$task" == bb_* && ! -f "$RUN/tasks/$task.yaml" ]]; then SKIPPED+=("$task"); else KEPT+=("$task"); fi
+done
+if [ ${#SKIPPED[@]} -gt 0 ]; then
+  [ ${#KEPT[@]} -gt 0 ] || { echo "error: none of the tasks $TASKS could be built" >&2; exit 2; }
+  TASKS=$(IFS=,; echo "${KEPT[*]}")
+  echo "   warning: tasks ${SKIPPED[*]} could not be built (see above) and are left out: evaluating $TASKS"
+  echo "   (put bigbench-1.0.0.tar.gz into .cache/bigbench/ to include them)"
 fi
 stamp
 

@@ -90,9 +90,13 @@ def source_for(name: str) -> tuple[str, Source]:
     return "bb_" + path.replace("/", "_"), Source(path)
 
 
+class BigBenchUnavailable(RuntimeError):
+    """No reachable package index has ``bigbench==1.0.0`` (seen 2026-12-07: PyPI lists only 0.0.1)."""
+
+
 def fetch_bigbench(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """The ``bigbench==1.0.0`` source archive in `cache_dir`, downloaded with ``pip download`` (no install)
-    unless it is already there."""
+    unless it is already there; `BigBenchUnavailable` if no index has it."""
     archive = cache_dir / ARCHIVE_NAME
     if archive.is_file():
         return archive
@@ -102,7 +106,7 @@ def fetch_bigbench(cache_dir: Path = DEFAULT_CACHE) -> Path:
     print(f"downloading {PACKAGE} (a 358 MB source archive, not installed): {' '.join(cmd)}", file=sys.stderr)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not archive.is_file():
-        raise RuntimeError(
+        raise BigBenchUnavailable(
             f"`pip download --no-deps {PACKAGE}` failed (exit {result.returncode}): no package index with "
             f"{PACKAGE} was reachable. Download {ARCHIVE_NAME} elsewhere (`pip download --no-deps -d DIR "
             f"{PACKAGE}`) and put it into {cache_dir}, or pass its path to --bigbench.\n"

@@ -252,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bigbench", nargs="?", const="", metavar="ARCHIVE_OR_DIR",
                         help="also build BIG-bench multiple-choice tasks from bigbench-1.0.0.tar.gz (or an unpacked "
                              "copy); without a path it is fetched with pip into .cache/bigbench/")
+    parser.add_argument("--bigbench_optional", action="store_true",
+                        help="if the BIG-bench archive cannot be fetched (no index has bigbench==1.0.0), say so and "
+                             "build the local tasks only instead of failing (what run_pipeline.sh does)")
     parser.add_argument("--bigbench_tasks", default="default",
                         help="comma-separated bb_* names or BIG-bench task paths, 'default' (the kept ones) or 'all'")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"task folder to write (default {DEFAULT_OUT})")
@@ -299,6 +302,13 @@ def _build_bigbench(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     try:
         location = Path(args.bigbench) if args.bigbench else bb.fetch_bigbench()
         manifest = bb.build(location, args.out, names, args.max_examples, args.seed)
+    except bb.BigBenchUnavailable as err:
+        if not args.bigbench_optional:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"warning: BIG-bench tasks skipped ({', '.join(bb.source_for(n)[0] for n in names)}): {err}",
+              file=sys.stderr)
+        return 0
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import play_text
 
 from eval import bigbench_tasks as bb
 from eval import build_tasks, collect, plan
@@ -144,6 +145,25 @@ def test_fetch_says_what_to_do_without_an_index(tmp_path, monkeypatch):
                                                                                           "bigbench==1.0.0"]
     (tmp_path / bb.ARCHIVE_NAME).write_bytes(b"")  # present: no download
     assert bb.fetch_bigbench(tmp_path) == tmp_path / bb.ARCHIVE_NAME and len(calls) == 1
+
+
+def test_an_unreachable_archive_is_an_error_unless_optional(tmp_path, monkeypatch, capsys):
+    """No index has bigbench==1.0.0: --bigbench fails (exit 2); with --bigbench_optional the local tasks are
+    built, the BIG-bench ones are named as skipped, and nothing of them is written."""
+    def unavailable(cache_dir=None):
+        raise bb.BigBenchUnavailable("`pip download --no-deps bigbench==1.0.0` failed (exit 1): no package index")
+
+    monkeypatch.setattr(bb, "fetch_bigbench", unavailable)
+    text = tmp_path / "play.txt"
+    text.write_text(play_text())
+    out = tmp_path / "tasks"
+    args = ["--text", str(text), "--bigbench", "--bigbench_tasks", "bb_social_iqa", "--out", str(out),
+            "--max_examples", "5"]
+    assert build_tasks.main(args) == 2
+    assert "no package index" in capsys.readouterr().err and not out.exists()
+    assert build_tasks.main(args + ["--bigbench_optional"]) == 0
+    assert "warning: BIG-bench tasks skipped (bb_social_iqa)" in capsys.readouterr().err
+    assert (out / "flex_ppl.yaml").is_file() and not list(out.glob("bb_*"))
 
 
 def test_lm_eval_loads_and_scores_the_tasks(built, tmp_path):
