@@ -47,6 +47,10 @@ VARIANTS = {
     # every sub-model sample trains exactly the sub-model that is exported; the full model as one of N + 1 sizes
     "exported": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
                      fit_routers="oneshot"),
+    # as "exported", and half the sub-model draws take a budget uniform between the smallest trained and 1
+    # (training the very sub-models architecture(b) exports there: the interpolated budgets)
+    "exported_between": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
+                             interpolated_budget_probability=0.5, fit_routers="oneshot"),
     # sandwich rule: every optimizer step trains the full model, the smallest budget and a random other one
     "sandwich": dict(sampling_rule="sandwich", hard_sample_probability=1.0, hard_samples="exported",
                      fit_routers="oneshot"),

@@ -22,7 +22,7 @@ from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import Architecture, is_full, make_architecture, search_architecture
 from modeling_llamaflex.search import fit_routers, score_architectures
 from training.arguments import FlexTrainingArguments
-from training.trainer import FlexTrainer, distillation_loss
+from training.trainer import FlexTrainer, budget_key, distillation_loss, sorted_buckets
 
 logger = logging.getLogger("bench.quality")
 
@@ -227,7 +227,7 @@ def run_flex(ctx, args, name: str, variant: dict) -> dict:
         kind = "full" if b >= 1 else ("soft" if not hard else ("exported" if targs.hard_samples == "exported" else "hard gumbel"))
         kinds[kind] += 1
     per_size = args.steps * args.batch_size * args.block_size / len(args.budgets)
-    tokens = {f"{b:g}": n for b, n in sorted(trainer.tokens_per_budget.items())}
+    tokens = {budget_key(b): n for b, n in sorted_buckets(trainer.tokens_per_budget)}
     # training compute, approximate: 6·N per token for the student (a soft sample runs at full width), 2·P for the teacher
     flops = sum(6 * (P if (not hard or b >= 1) else b * P) + 2 * P for _, _, b, hard in trainer.sample_log)
     flops *= args.batch_size * args.block_size
@@ -236,7 +236,7 @@ def run_flex(ctx, args, name: str, variant: dict) -> dict:
         "router_agrees": all(p["agree"] for p in picks.values()),
         "full_model": {"loss": mean(full), "se": se(full)}, "train_s": train_s, "optimizer_steps": steps,
         "gradient_accumulation": accumulation, "train_tokens": sum(trainer.tokens_per_budget.values()),
-        "tokens_per_budget": tokens, "token_share_of_separate": {b: n / per_size for b, n in tokens.items() if b != "1"},
+        "tokens_per_budget": tokens, "token_share_of_separate": {b: n / per_size for b, n in tokens.items() if b not in ("1", "interpolated")},
         "samples": dict(kinds), "approx_train_flops": flops,
         "modulation_gains": {f"{b:g}": modulation_gains(flex, flex.architecture(b)) for b in args.budgets},
         "architectures_at_end": trainer.architecture_report(),

@@ -393,7 +393,7 @@ def test_tokens_per_budget_survive_a_resume(tmp_path):
         torch.manual_seed(0)
         flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), budgets=[0.5, 0.75])
         args = arguments(tmp_path, output_dir=str(tmp_path / out), max_steps=6, save_strategy="steps", save_steps=3,
-                         logging_steps=3, distillation_weight=0)
+                         logging_steps=3, distillation_weight=0, interpolated_budget_probability=0.5)
         trainer = FlexTrainer(model=flex, args=args, train_dataset=dataset())
         if stop is not None:
             trainer.add_callback(StopAt(stop))
@@ -402,6 +402,7 @@ def test_tokens_per_budget_survive_a_resume(tmp_path):
 
     full = run("uninterrupted")
     assert sum(full.values()) == 6 * 4 * 16  # every token of every step, counted once
+    assert "interpolated" in full and len(full) > 1  # budgets between the trained ones are counted apart
     run("interrupted", stop=3)
     shutil.rmtree(tmp_path / "interrupted" / "checkpoint-6", ignore_errors=True)
     assert run("interrupted", resume=str(tmp_path / "interrupted" / "checkpoint-3")) == full

@@ -8,7 +8,7 @@ from conftest import CONFIG_ERRORS, arguments, dataset, tiny_llama
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.router import BudgetRouter, budget_blend
-from training.trainer import BudgetSampler, FlexTrainer
+from training.trainer import INTERPOLATED, BudgetSampler, FlexTrainer
 
 
 def test_sandwich_draws_largest_smallest_and_a_random_other_every_step():
@@ -93,3 +93,45 @@ def test_new_arguments_are_checked(tmp_path):
         arguments(tmp_path, sampling_rule="bigger-first")
     with pytest.raises(ValueError, match="hard_samples"):
         arguments(tmp_path, hard_samples="sometimes")
+    with pytest.raises(ValueError, match="interpolated_budget_probability"):
+        arguments(tmp_path, interpolated_budget_probability=1.5)
+
+
+def test_interpolated_budgets_replace_that_share_of_the_sub_model_draws():
+    budgets = [0.5, 0.75]
+    plain = BudgetSampler(budgets, None, 0.25, seed=5)
+    mixed = BudgetSampler(budgets, None, 0.25, seed=5, interpolate=0.5)
+    draws = [(plain.sample(step, 0, 0.3)[:2], mixed.sample(step, 0, 0.3)[:2]) for step in range(2000)]
+    # the full model and the hard/soft draw are untouched: only a budget below 1 may move
+    assert all((a == 1.0) == (b == 1.0) and ha == hb for (a, ha), (b, hb) in draws)
+    moved = [b for (a, _), (b, _) in draws if a < 1.0 and b not in budgets]
+    subs = sum(a < 1.0 for (a, _), _ in draws)
+    assert abs(len(moved) / subs - 0.5) < 0.05 and all(0.5 <= b < 1.0 for b in moved)
+    assert abs(sum(moved) / len(moved) - 0.75) < 0.02  # uniform between the smallest trained budget and 1
+    assert [mixed.bucket(b) for b in (0.5, 0.75, 1.0, moved[0])] == [0.5, 0.75, 1.0, INTERPOLATED]
+    with pytest.raises(ValueError, match="interpolated_budget_probability"):
+        BudgetSampler(budgets, None, 0.2, 0, interpolate=-0.1)
+
+
+def test_interpolated_budgets_train_their_exported_sub_models_and_are_counted_apart(tmp_path):
+    parent = tiny_llama()
+    flex = LlamaFlexForCausalLM.from_llama(parent, budgets=[0.5, 0.75])
+    seen = []
+    original = flex.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("architecture"))
+        return original(*args, **kwargs)
+
+    flex.forward = spy
+    args = arguments(tmp_path, hard_sample_probability=1.0, hard_samples="exported", full_budget_probability=0.0,
+                     interpolated_budget_probability=1.0, router_learning_rate=0.0, max_steps=4, logging_steps=2,
+                     remove_unused_columns=False)
+    trainer = FlexTrainer(model=flex, args=args, teacher_model=parent, train_dataset=dataset())
+    trainer.train()
+    drawn = [budget for _, _, budget, _ in trainer.sample_log]
+    assert len(drawn) == 4 and all(0.5 < b < 1.0 and b not in (0.5, 0.75) for b in drawn)
+    # each step trained exactly what architecture(b) exports at its (untrained) budget
+    assert [a.indices for a in seen] == [flex.architecture(b).indices for b in drawn]
+    assert set(trainer.tokens_per_budget) == {INTERPOLATED}
+    assert any(f"{INTERPOLATED}/loss" in entry for entry in trainer.state.log_history)

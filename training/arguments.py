@@ -50,6 +50,13 @@ class FlexArguments:
         default=None,
         metadata={"help": "Relative sampling weights of the trained budgets (in their order); default uniform."},
     )
+    interpolated_budget_probability: float = field(
+        default=0.0,
+        metadata={"help": "Probability that a sub-model draw (b < 1) takes a budget uniform between the smallest "
+                  "trained budget and 1 instead of a trained budget: the sub-models between trained budgets are "
+                  "trained too (with hard_samples 'exported', exactly those architecture(b) exports). Logged and "
+                  "counted as 'interpolated'."},
+    )
     sampling_rule: str = field(
         default="random",
         metadata={"help": "'random': each micro-step draws the full model (full_budget_probability) or a budget "
@@ -95,6 +102,7 @@ class FlexArguments:
         checks = {
             "full_budget_probability": 0 <= self.full_budget_probability <= 1,
             "hard_sample_probability": 0 <= self.hard_sample_probability <= 1,
+            "interpolated_budget_probability": 0 <= self.interpolated_budget_probability <= 1,
             "hard_phase_start": 0 <= self.hard_phase_start <= 1,
             "gumbel_temperature": self.gumbel_temperature > 0,
             "gumbel_temperature_decay": 0 < self.gumbel_temperature_decay <= 1,

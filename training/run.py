@@ -38,7 +38,7 @@ from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, parent_model_type, resolve_parent
 from training.arguments import FlexTrainingArguments
 from training.data import DataArguments, build_lm_datasets, lm_data_collator
-from training.trainer import FlexTrainer
+from training.trainer import FlexTrainer, budget_key, sorted_buckets
 
 logger = logging.getLogger("training.run")
 
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "train": result.metrics,
         "eval": metrics,
-        "tokens_per_budget": {f"{b:g}": n for b, n in sorted(trainer.tokens_per_budget.items())},
+        "tokens_per_budget": {budget_key(b): n for b, n in sorted_buckets(trainer.tokens_per_budget)},
         "architectures": trainer.architecture_report(),
         "parent": model_args.parent,
         "parent_source": resolve_parent(model_args.parent).to_dict() if model_args.parent else None,

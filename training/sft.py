@@ -38,7 +38,7 @@ from modeling_llamaflex import LlamaFlexForCausalLM
 from training.arguments import FlexArguments
 from training.chat_data import CHAT_TEMPLATE, build_chat_data
 from training.run import expand_config, save_sub_models
-from training.trainer import FlexTrainingMixin, add_lora
+from training.trainer import FlexTrainingMixin, add_lora, budget_key, sorted_buckets
 
 logger = logging.getLogger("training.sft")
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "train": result.metrics, "eval_before": before, "eval_after": after, "model": script.model,
         "lora_r": args.lora_r, "budgets": trainer.budgets, "architectures": trainer.architecture_report(),
-        "tokens_per_budget": {f"{b:g}": n for b, n in sorted(trainer.tokens_per_budget.items())},
+        "tokens_per_budget": {budget_key(b): n for b, n in sorted_buckets(trainer.tokens_per_budget)},
     }
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)

@@ -50,6 +50,9 @@ def parameter_group(name: str) -> str:
     return "llm"
 
 
+INTERPOLATED = "interpolated"  # the key of budgets drawn between the trained ones (logs, tokens_per_budget)
+
+
 class BudgetSampler:
     """Draws (budget, hard?) and a Gumbel generator from (seed, step, micro-step): the same on every rank.
 
@@ -57,12 +60,14 @@ class BudgetSampler:
     rule "sandwich" (BigNAS / OFA / MatFormer): the micro-steps of an optimizer step cycle through the largest
     (the full model), the smallest trained budget and a random other trained budget (by `weights`), so that
     with gradient accumulation a multiple of 3 every step trains all three; `full_probability` is unused.
+    With `interpolate` > 0, a draw of a trained budget below 1 is replaced, with that probability, by a budget
+    uniform between the smallest trained budget and 1 (the budgets between trained ones get trained too).
     """
 
     RULES = ("random", "sandwich")
 
     def __init__(self, budgets: list[float], weights: list[float] | None, full_probability: float, seed: int,
-                 rule: str = "random"):
+                 rule: str = "random", interpolate: float = 0.0):
         if weights is not None and len(weights) != len(budgets):
             raise ValueError(f"budget_weights has {len(weights)} entries but the model has {len(budgets)} budgets {budgets}")
         if rule not in self.RULES:
@@ -72,6 +77,9 @@ class BudgetSampler:
         self.full_probability = full_probability
         self.seed = seed
         self.rule = rule
+        if not 0 <= interpolate <= 1:
+            raise ValueError(f"interpolated_budget_probability must lie in [0, 1], got {interpolate}")
+        self.interpolate = interpolate
         self._smallest = min(range(len(self.budgets)), key=lambda i: self.budgets[i]) if self.budgets else None
 
     def sample(self, step: int, micro: int, hard_probability: float) -> tuple[float, bool, torch.Generator]:
@@ -89,10 +97,41 @@ class BudgetSampler:
                 if weights.sum() <= 0:
                     weights = torch.ones_like(weights)
                 budget = self.budgets[int(torch.multinomial(weights, 1, generator=generator))]
-            return budget, u_hard < hard_probability, generator
+            return self._between(budget, generator), u_hard < hard_probability, generator
         index = int(torch.multinomial(self.weights, 1, generator=generator))
         budget = 1.0 if (u_full < self.full_probability or not self.budgets) else self.budgets[index]
-        return budget, u_hard < hard_probability, generator
+        return self._between(budget, generator), u_hard < hard_probability, generator
+
+    def _between(self, budget: float, generator: torch.Generator) -> float:
+        """`budget`, or with probability `interpolate` (below 1 only) a budget between the smallest trained and 1.
+        Draws nothing when `interpolate` is 0, so that the stream (and every earlier run) stays as it was."""
+        if not self.interpolate or budget >= 1.0:
+            return budget
+        u_pick, u_budget = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        if u_pick >= self.interpolate:
+            return budget
+        low = self.budgets[self._smallest]
+        return low + (1.0 - low) * u_budget
+
+    def bucket(self, budget: float) -> float | str:
+        """How a sampled budget is counted in the logs and `tokens_per_budget`: itself if trained (or 1), else
+        "interpolated"."""
+        return budget if budget >= 1.0 or budget in self.budgets else INTERPOLATED
+
+
+def sorted_buckets(per_bucket: dict) -> list[tuple[float | str, object]]:
+    """The items of a dict keyed by budget (and maybe "interpolated", last), in order."""
+    return sorted(per_bucket.items(), key=lambda kv: (isinstance(kv[0], str), kv[0] if isinstance(kv[0], float) else 0.0))
+
+
+def bucket_name(bucket: float | str) -> str:
+    """"b0.5" for a budget, "interpolated" for the budgets between trained ones."""
+    return bucket if isinstance(bucket, str) else f"b{bucket:g}"
+
+
+def budget_key(bucket: float | str) -> str:
+    """How a budget is written in summaries and JSON: "0.5", "1", "interpolated"."""
+    return bucket if isinstance(bucket, str) else f"{bucket:g}"
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -163,7 +202,7 @@ class FlexTrainingMixin:
             if isinstance(callback, SCHEDULES):
                 callback.trainer = self
         self.sampler = BudgetSampler(self.budgets, args.budget_weights, args.full_budget_probability, args.sampling_seed,
-                                     args.sampling_rule)
+                                     args.sampling_rule, args.interpolated_budget_probability)
         if args.freeze_llm:
             for name, p in self.model.named_parameters():
                 if parameter_group(name) == "llm":
@@ -214,7 +253,7 @@ class FlexTrainingMixin:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if os.path.isdir(folder):
                 with open(os.path.join(folder, self.TOKENS_FILE), "w") as fh:
-                    json.dump({repr(b): n for b, n in sorted(self.tokens_per_budget.items())}, fh, indent=1)
+                    json.dump({str(b): n for b, n in sorted_buckets(self.tokens_per_budget)}, fh, indent=1)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer.train; resuming also restores `tokens_per_budget` as the checkpoint saved it."""
@@ -227,7 +266,8 @@ class FlexTrainingMixin:
             path = os.path.join(checkpoint, self.TOKENS_FILE)
             if os.path.isfile(path):
                 with open(path) as fh:
-                    self.tokens_per_budget = defaultdict(int, {float(b): int(n) for b, n in json.load(fh).items()})
+                    self.tokens_per_budget = defaultdict(int, {b if b == INTERPOLATED else float(b): int(n)
+                                                               for b, n in json.load(fh).items()})
             else:
                 logger.warning("%s has no %s (saved by an earlier version): tokens_per_budget restarts from zero",
                                checkpoint, self.TOKENS_FILE)
@@ -322,7 +362,8 @@ class FlexTrainingMixin:
                 router.trained_steps.fill_(self._router_steps_before + step + 1)
 
         loss = torch.zeros((), device=outputs.logits.device)
-        stats = self._stats[budget]
+        bucket = self.sampler.bucket(budget)
+        stats = self._stats[bucket]
         if args.lm_loss_weight > 0:
             loss = loss + args.lm_loss_weight * outputs.loss
             stats["lm_loss"] += outputs.loss.item()
@@ -340,7 +381,7 @@ class FlexTrainingMixin:
         stats["loss"] += loss.item()
         stats["count"] += 1
         tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        self.tokens_per_budget[budget] += tokens * max(1, args.world_size)
+        self.tokens_per_budget[bucket] += tokens * max(1, args.world_size)
         return (loss, outputs) if return_outputs else loss
 
     def _router_budget_loss(self, budget: float, generator: torch.Generator):
@@ -353,11 +394,12 @@ class FlexTrainingMixin:
         if "loss" in logs and self._stats:  # a training log: add per-budget figures since the last one
             logs["gumbel_temperature"] = self.gumbel_temperature
             logs["logit_scale"] = self.logit_scale
-            for budget, stats in sorted(self._stats.items()):
+            for bucket, stats in sorted_buckets(self._stats):
+                name = bucket_name(bucket)
                 n = max(stats.pop("count"), 1)
                 for key, value in stats.items():
-                    logs[f"b{budget:g}/{key}"] = value / n
-                logs[f"b{budget:g}/tokens"] = self.tokens_per_budget[budget]
+                    logs[f"{name}/{key}"] = value / n
+                logs[f"{name}/tokens"] = self.tokens_per_budget[bucket]
             self._stats.clear()
             report = self.architecture_report()  # on every rank: gathering the router is a collective
             if self.is_world_process_zero():
@@ -388,4 +430,4 @@ class FlexTrainer(FlexTrainingMixin, Trainer):
     args_class = FlexTrainingArguments
 
 
-__all__ = ["BudgetSampler", "FlexTrainer", "FlexTrainingMixin", "add_lora", "distillation_loss", "gathered", "parameter_group"]
+__all__ = ["INTERPOLATED", "BudgetSampler", "budget_key", "sorted_buckets", "FlexTrainer", "FlexTrainingMixin", "add_lora", "distillation_loss", "gathered", "parameter_group"]
