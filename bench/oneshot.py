@@ -72,6 +72,9 @@ def main(argv=None) -> dict:
     p.add_argument("--importance", default=None, help="scorer name or JSON {axis: name} (default: the library's)")
     p.add_argument("--grid", type=int, default=20, help="budgets from the smallest reachable to 1")
     p.add_argument("--top_k", type=int, default=8)
+    p.add_argument("--choices", default=None,
+                   help='JSON of LlamaFlexConfig choice lists for the quality family, e.g. \'{"mlp_choices": [384, 480], '
+                        '"depth_choices": [15, 16]}\' (default: the config\'s defaults)')
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--keep", action="store_true",
                    help="keep the families already in --out that this run does not measure (e.g. the size rule)")
@@ -87,6 +90,7 @@ def main(argv=None) -> dict:
     score = calib[-int(args.score.split("x")[0]):] if args.score else calib  # the last N calibration blocks
     parent_losses = block_losses(parent, held_out, args.batch_size)
     importance = json.loads(args.importance) if args.importance and args.importance.startswith("{") else args.importance
+    choices = json.loads(args.choices) if args.choices else {}
     result = {"parent": info, "args": vars(args), "parent_loss": float(parent_losses.mean()), "families": {}}
     print(f"parent {args.parent}: held-out loss {result['parent_loss']:.4f}")
 
@@ -113,7 +117,7 @@ def main(argv=None) -> dict:
         t0 = time.time()
         new = LlamaFlexForCausalLM.from_llama(parent, calib, importance=importance, score_data=score,
                                               score_budgets=[b for b in grid if b < 1], top_k=args.top_k,
-                                              norm_correction=norm_correction)
+                                              norm_correction=norm_correction, **choices)
         seconds = round(time.time() - t0, 1)
         print(f"{name} (importance {importance or 'default'}, top {args.top_k}, {seconds}s to convert):")
         result["families"][name] = {"convert_seconds": seconds, "scored": len(new.config.architecture_scores["scored"]),
