@@ -240,6 +240,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rescore", action="store_true",
                    help="after each elastic run, score the candidates again on the trained weights and measure the grid "
                         "again (reported as <variant>+rescored)")
+    p.add_argument("--choices", default="",
+                   help='JSON of LlamaFlexConfig choice lists, e.g. \'{"mlp_choices": [384, 480], "depth_choices": [15, 16]}\' '
+                        "(default: the config's defaults)")
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--json", default="")
     p.add_argument("--plot", default="bench/quality.png")
@@ -269,7 +272,9 @@ def main(argv=None) -> dict:
     if args.reuse and os.path.exists(converted):
         flex0 = torch.load(converted, weights_only=False)
     else:
-        flex0 = LlamaFlexForCausalLM.from_llama(parent, calibration, score_data=score, progress=False, budgets=args.budgets)
+        choices = json.loads(args.choices) if args.choices else {}
+        flex0 = LlamaFlexForCausalLM.from_llama(parent, calibration, score_data=score, progress=False, budgets=args.budgets,
+                                                **choices)
         torch.save(flex0, converted)
     P = flex0.config.parent_parameters()
     low = min(args.budgets)
@@ -285,7 +290,8 @@ def main(argv=None) -> dict:
     ctx = {"parent": parent, "flex0": flex0, "train": data["train"], "val_blocks": val_blocks, "grid": grid,
            "collator": lm_data_collator(tokenizer), "score": score, "oneshot_arch": {b: flex0.architecture(b) for b in args.budgets}}
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("variants", "flex", "skip", "reuse", "out", "json", "plot", "threads", "rescore")}
+                if k not in ("variants", "flex", "skip", "reuse", "out", "json", "plot", "threads", "rescore")
+                and (k != "choices" or v)}  # (results made before --choices existed stay reusable)
     results = {}
     todo = [m for m in ("oneshot", "separate", "router_interpolation") if m not in args.skip] + list(args.variants)
     for name in todo:

@@ -31,8 +31,9 @@ def test_default_choices_for_llama31_8b():
     assert choices["hidden_choices"] == [2048, 2560, 3072, 3584, 4096]
     # 24 heads is left out: 4096 % 24 != 0, and transformers' LlamaConfig refuses such a sub-model
     assert choices["head_choices"] == [16, 32]
-    assert choices["depth_choices"] == [16, 20, 24, 28, 32]
-    assert choices["mlp_choices"][-1] == 14336
+    assert choices["depth_choices"] == [16, 18, 20, 22, 24, 26, 28, 30, 32]  # a sixteenth of the layers per step
+    # a quarter to all of the MLP in sixteenths (896 neurons), rounded to multiples of 256
+    assert choices["mlp_choices"] == [3584, 4608, 5376, 6144, 7168, 8192, 8960, 9728, 10752, 11776, 12544, 13312, 14336]
 
 
 @pytest.mark.parametrize(

@@ -229,8 +229,8 @@ def test_llama31_8b_on_meta_device():
 def test_modulation_leaves_the_full_model_alone(llama, input_ids):
     """A trained (random, non-zero) modulation changes the sub-models but never the full model: the parent."""
     flex = elastic(llama)
-    full = {"hidden": 4, "heads": 1, "mlp": 6, "depth": 2}
-    smaller = flex.model.modulation(Policy.one_hot(flex.config, {**full, "mlp": 3}).probs)
+    full = {a: len(flex.config.choices[a]) - 1 for a in AXES}
+    smaller = flex.model.modulation(Policy.one_hot(flex.config, {**full, "mlp": full["mlp"] // 2}).probs)
     assert (smaller - 1).abs().max() > 1e-2  # the modulation is live below the full choice
     logits = flex(input_ids, policy=Policy.one_hot(flex.config, full, sliced=False)).logits
     torch.testing.assert_close(logits, llama(input_ids).logits, atol=ATOL, rtol=0)
