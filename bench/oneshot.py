@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import smallest_budget
+from modeling_llamaflex.configuration_llamaflex import default_choices
 
 from bench.common import load_parent_and_blocks
 
@@ -97,7 +98,9 @@ def main(argv=None) -> dict:
     grid = None
     if not args.skip_size_rule:
         t0 = time.time()
+        first = default_choices(parent.config, steps=8)  # the first release's choices: MLP and depth in eighths
         old = LlamaFlexForCausalLM.from_llama(parent, calib, importance=OLD_IMPORTANCE, top_k=0, progress=False,
+                                              mlp_choices=first["mlp_choices"], depth_choices=first["depth_choices"],
                                               norm_correction=False)
         grid = torch.linspace(smallest_budget(old.config), 1.0, args.grid).tolist()
         print("size rule (activation importance, largest within tolerance):")

@@ -20,7 +20,7 @@ def _round_to(value: float, multiple: int, low: int) -> int:
     return max(low, int(round(value / multiple)) * multiple)
 
 
-def default_choices(config: LlamaConfig) -> dict[str, list[int]]:
+def default_choices(config: LlamaConfig, steps: int = 16) -> dict[str, list[int]]:
     """Sensible default choices for a Llama parent: about half to all of each axis, every combination exportable.
 
     heads: from half to all query heads per KV group, keeping only counts that divide `hidden_size` (transformers'
@@ -29,7 +29,8 @@ def default_choices(config: LlamaConfig) -> dict[str, list[int]]:
     models); mlp: 1/4 .. 1 in sixteenths; depth: 1/2 .. all layers in steps of a sixteenth of the layers (every
     layer up to 31 layers, every second one for Llama 3.1 8B's 32). Fine MLP and depth steps give the quality
     search more candidates near every budget and the family fewer flat steps: on SmolLM2 the one-shot family
-    is better at 17 of 19 budgets than with eighths (bench/QUALITY.md, "Choice grid").
+    is better at 17 of 19 budgets than with eighths (bench/QUALITY.md, "Choice grid"). `steps=8` gives the first
+    release's MLP and depth choices (eighths).
     """
     hidden, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     n_kv = config.num_key_value_heads
@@ -39,8 +40,8 @@ def default_choices(config: LlamaConfig) -> dict[str, list[int]]:
     h_mult = math.lcm(64 if hidden >= 1024 else 8, *heads_c)
     f_mult = 256 if mlp >= 4096 else 8
     hidden_c = sorted({_round_to(hidden * i / 8, h_mult, h_mult) for i in range(4, 8)} | {hidden})
-    mlp_c = sorted({_round_to(mlp * i / 16, f_mult, f_mult) for i in range(4, 16)} | {mlp})
-    step = max(1, layers // 16)
+    mlp_c = sorted({_round_to(mlp * i / steps, f_mult, f_mult) for i in range(steps // 4, steps)} | {mlp})
+    step = max(1, layers // steps)
     depth_c = sorted({d for d in range(layers, max(1, layers // 2) - 1, -step)} | {layers})
     return {
         "hidden_choices": [c for c in hidden_c if c <= hidden],

@@ -34,6 +34,11 @@ def test_default_choices_for_llama31_8b():
     assert choices["depth_choices"] == [16, 18, 20, 22, 24, 26, 28, 30, 32]  # a sixteenth of the layers per step
     # a quarter to all of the MLP in sixteenths (896 neurons), rounded to multiples of 256
     assert choices["mlp_choices"] == [3584, 4608, 5376, 6144, 7168, 8192, 8960, 9728, 10752, 11776, 12544, 13312, 14336]
+    first = default_choices(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=8), steps=8)
+    assert first["depth_choices"] == [16, 20, 24, 28, 32]  # the first release's eighths, kept for comparisons
+    assert first["mlp_choices"] == [3584, 5376, 7168, 8960, 10752, 12544, 14336]
+    assert first["hidden_choices"] == choices["hidden_choices"] and first["head_choices"] == choices["head_choices"]
 
 
 @pytest.mark.parametrize(
