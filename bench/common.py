@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 import torch.nn.functional as F
+
+CHOICES_HELP = ('JSON of LlamaFlexConfig choice lists, e.g. \'{"mlp_choices": [384, 480], "depth_choices": [15, 16]}\' '
+                "(default: the config's defaults)")
+
+
+def parse_choices(text: str | None) -> dict[str, list[int]]:
+    """A --choices value: {} when empty, else a JSON object of `*_choices` lists for `from_llama`."""
+    if not text:
+        return {}
+    try:
+        choices = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--choices is not valid JSON ({err}): give e.g. '{{\"mlp_choices\": [384, 480]}}'") from None
+    if not isinstance(choices, dict) or not all(k.endswith("_choices") for k in choices):
+        raise SystemExit(f"--choices must be a JSON object of hidden_choices, head_choices, mlp_choices or "
+                         f"depth_choices lists, got {text!r}")
+    return choices
 
 
 def parse_blocks(spec: str) -> tuple[int, int]:

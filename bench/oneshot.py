@@ -30,7 +30,7 @@ from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import smallest_budget
 from modeling_llamaflex.configuration_llamaflex import default_choices
 
-from bench.common import load_parent_and_blocks
+from bench.common import CHOICES_HELP, load_parent_and_blocks, parse_choices
 
 
 OLD_IMPORTANCE = {"hidden": "activation", "heads": "activation", "mlp": "activation", "depth": "block_influence"}
@@ -73,9 +73,7 @@ def main(argv=None) -> dict:
     p.add_argument("--importance", default=None, help="scorer name or JSON {axis: name} (default: the library's)")
     p.add_argument("--grid", type=int, default=20, help="budgets from the smallest reachable to 1")
     p.add_argument("--top_k", type=int, default=8)
-    p.add_argument("--choices", default=None,
-                   help='JSON of LlamaFlexConfig choice lists for the quality family, e.g. \'{"mlp_choices": [384, 480], '
-                        '"depth_choices": [15, 16]}\' (default: the config\'s defaults)')
+    p.add_argument("--choices", default=None, help="for the quality families: " + CHOICES_HELP)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--keep", action="store_true",
                    help="keep the families already in --out that this run does not measure (e.g. the size rule)")
@@ -91,7 +89,7 @@ def main(argv=None) -> dict:
     score = calib[-int(args.score.split("x")[0]):] if args.score else calib  # the last N calibration blocks
     parent_losses = block_losses(parent, held_out, args.batch_size)
     importance = json.loads(args.importance) if args.importance and args.importance.startswith("{") else args.importance
-    choices = json.loads(args.choices) if args.choices else {}
+    choices = parse_choices(args.choices)
     result = {"parent": info, "args": vars(args), "parent_loss": float(parent_losses.mean()), "families": {}}
     print(f"parent {args.parent}: held-out loss {result['parent_loss']:.4f}")
 

@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from bench.common import ensure_shakespeare
+from bench.common import CHOICES_HELP, ensure_shakespeare, parse_choices
 from bench.quality_methods import block_losses, mean, paired, router_interpolation, run_flex, run_oneshot, run_separate, se
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, resolve_parent
@@ -240,9 +240,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rescore", action="store_true",
                    help="after each elastic run, score the candidates again on the trained weights and measure the grid "
                         "again (reported as <variant>+rescored)")
-    p.add_argument("--choices", default="",
-                   help='JSON of LlamaFlexConfig choice lists, e.g. \'{"mlp_choices": [384, 480], "depth_choices": [15, 16]}\' '
-                        "(default: the config's defaults)")
+    p.add_argument("--choices", default="", help=CHOICES_HELP)
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--json", default="")
     p.add_argument("--plot", default="bench/quality.png")
@@ -272,7 +270,7 @@ def main(argv=None) -> dict:
     if args.reuse and os.path.exists(converted):
         flex0 = torch.load(converted, weights_only=False)
     else:
-        choices = json.loads(args.choices) if args.choices else {}
+        choices = parse_choices(args.choices)
         flex0 = LlamaFlexForCausalLM.from_llama(parent, calibration, score_data=score, progress=False, budgets=args.budgets,
                                                 **choices)
         torch.save(flex0, converted)

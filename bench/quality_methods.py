@@ -22,7 +22,7 @@ from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import Architecture, is_full, make_architecture, search_architecture
 from modeling_llamaflex.search import fit_routers, score_architectures
 from training.arguments import FlexTrainingArguments
-from training.trainer import FlexTrainer, budget_key, distillation_loss, sorted_buckets
+from training.trainer import INTERPOLATED, FlexTrainer, budget_key, distillation_loss, sorted_buckets
 
 logger = logging.getLogger("bench.quality")
 
@@ -236,7 +236,7 @@ def run_flex(ctx, args, name: str, variant: dict) -> dict:
         "router_agrees": all(p["agree"] for p in picks.values()),
         "full_model": {"loss": mean(full), "se": se(full)}, "train_s": train_s, "optimizer_steps": steps,
         "gradient_accumulation": accumulation, "train_tokens": sum(trainer.tokens_per_budget.values()),
-        "tokens_per_budget": tokens, "token_share_of_separate": {b: n / per_size for b, n in tokens.items() if b not in ("1", "interpolated")},
+        "tokens_per_budget": tokens, "token_share_of_separate": {b: n / per_size for b, n in tokens.items() if b not in ("1", INTERPOLATED)},
         "samples": dict(kinds), "approx_train_flops": flops,
         "modulation_gains": {f"{b:g}": modulation_gains(flex, flex.architecture(b)) for b in args.budgets},
         "architectures_at_end": trainer.architecture_report(),

@@ -295,24 +295,18 @@ def _build_bigbench(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     names = {"default": list(bb.DEFAULT_TASKS), "all": list(bb.CANDIDATES)}.get(spec)
     names = names or [n.strip() for n in spec.split(",") if n.strip()]
     try:
-        for name in names:
-            bb.source_for(name)
+        built = [bb.source_for(name)[0] for name in names]
     except ValueError as err:
         parser.error(f"--bigbench_tasks: {err}")
     try:
         location = Path(args.bigbench) if args.bigbench else bb.fetch_bigbench()
         manifest = bb.build(location, args.out, names, args.max_examples, args.seed)
-    except bb.BigBenchUnavailable as err:
-        if not args.bigbench_optional:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(f"warning: BIG-bench tasks skipped ({', '.join(bb.source_for(n)[0] for n in names)}): {err}",
-              file=sys.stderr)
-        return 0
     except (RuntimeError, FileNotFoundError, ValueError) as err:
+        if isinstance(err, bb.BigBenchUnavailable) and args.bigbench_optional:
+            print(f"warning: BIG-bench tasks skipped ({', '.join(built)}): {err}", file=sys.stderr)
+            return 0
         print(f"error: {err}", file=sys.stderr)
         return 2
-    built = [bb.source_for(n)[0] for n in names]
     counts = ", ".join(f"{n} ({manifest['tasks'][n]['examples']} examples)" for n in built)
     print(f"wrote {counts} to {args.out} (tag {bb.TAG}; from {location})")
     return 0

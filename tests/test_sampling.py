@@ -11,6 +11,18 @@ from modeling_llamaflex.router import BudgetRouter, budget_blend
 from training.trainer import INTERPOLATED, BudgetSampler, FlexTrainer
 
 
+def record_forward_kwargs(model) -> list[dict]:
+    """Wrap `model.forward`; the returned list gets the keyword arguments of every call."""
+    calls, original = [], model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    model.forward = spy
+    return calls
+
+
 def test_sandwich_draws_largest_smallest_and_a_random_other_every_step():
     budgets = [0.5, 0.625, 0.75, 0.875]
     sampler = BudgetSampler(budgets, None, 0.9, seed=3, rule="sandwich")
@@ -44,14 +56,7 @@ def test_onehot_blend_at_a_midpoint_is_the_average_of_the_neighbours():
 def test_exported_hard_samples_train_the_exported_sub_model(tmp_path):
     parent = tiny_llama()
     flex = LlamaFlexForCausalLM.from_llama(parent, budgets=[0.5, 0.75])
-    seen = []
-    original = flex.forward
-
-    def spy(*args, **kwargs):
-        seen.append((kwargs.get("architecture"), kwargs.get("route_mode")))
-        return original(*args, **kwargs)
-
-    flex.forward = spy
+    calls = record_forward_kwargs(flex)
     args = arguments(tmp_path, hard_sample_probability=1.0, hard_samples="exported", full_budget_probability=0.0,
                      router_budget_samples=2, router_learning_rate=1e-2, max_steps=4,
                      remove_unused_columns=False)
@@ -59,6 +64,7 @@ def test_exported_hard_samples_train_the_exported_sub_model(tmp_path):
     exported_before = {b: flex.architecture(b).indices for b in (0.5, 0.75)}
     router_before = {n: p.detach().clone() for n, p in flex.model.router.named_parameters()}
     trainer.train()
+    seen = [(call.get("architecture"), call.get("route_mode")) for call in calls]
     assert seen and all(arch is not None and mode is None for arch, mode in seen)
     assert all(hard and budget < 1 for _, _, budget, hard in trainer.sample_log)
     first = trainer.sample_log[0][2]
@@ -116,14 +122,7 @@ def test_interpolated_budgets_replace_that_share_of_the_sub_model_draws():
 def test_interpolated_budgets_train_their_exported_sub_models_and_are_counted_apart(tmp_path):
     parent = tiny_llama()
     flex = LlamaFlexForCausalLM.from_llama(parent, budgets=[0.5, 0.75])
-    seen = []
-    original = flex.forward
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("architecture"))
-        return original(*args, **kwargs)
-
-    flex.forward = spy
+    calls = record_forward_kwargs(flex)
     args = arguments(tmp_path, hard_sample_probability=1.0, hard_samples="exported", full_budget_probability=0.0,
                      interpolated_budget_probability=1.0, router_learning_rate=0.0, max_steps=4, logging_steps=2,
                      remove_unused_columns=False)
@@ -132,6 +131,6 @@ def test_interpolated_budgets_train_their_exported_sub_models_and_are_counted_ap
     drawn = [budget for _, _, budget, _ in trainer.sample_log]
     assert len(drawn) == 4 and all(0.5 < b < 1.0 and b not in (0.5, 0.75) for b in drawn)
     # each step trained exactly what architecture(b) exports at its (untrained) budget
-    assert [a.indices for a in seen] == [flex.architecture(b).indices for b in drawn]
+    assert [call["architecture"].indices for call in calls] == [flex.architecture(b).indices for b in drawn]
     assert set(trainer.tokens_per_budget) == {INTERPOLATED}
     assert any(f"{INTERPOLATED}/loss" in entry for entry in trainer.state.log_history)

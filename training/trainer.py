@@ -121,7 +121,7 @@ class BudgetSampler:
 
 def sorted_buckets(per_bucket: dict) -> list[tuple[float | str, object]]:
     """The items of a dict keyed by budget (and maybe "interpolated", last), in order."""
-    return sorted(per_bucket.items(), key=lambda kv: (isinstance(kv[0], str), kv[0] if isinstance(kv[0], float) else 0.0))
+    return sorted(per_bucket.items(), key=lambda kv: (isinstance(kv[0], str), 0.0 if isinstance(kv[0], str) else kv[0]))
 
 
 def bucket_name(bucket: float | str) -> str:
