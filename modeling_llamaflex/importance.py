@@ -3,7 +3,8 @@
 Minitron-style, activation based, no gradients. `collect_statistics` runs the parent over calibration
 batches with forward hooks and accumulates, per token:
 
-* MLP neuron j of layer l:   |act(gate(x))·up(x)|_j and its square (the input of down_proj; mean or L2 over tokens)
+* MLP neuron j of layer l:   |act(gate(x))·up(x)|_j and its square (the input of down_proj; mean or L2 over tokens),
+                             and on request (`covariance=True`) the token sums of a·aᵀ of that input
 * query head h of layer l:   ‖attention output of h‖₂      (the input of o_proj, per head)
 * hidden channel c:          |RMSNorm output|_c, summed over every norm of every layer
 * layer l:                   1 − cos(x_in, x_out)          (block influence)
@@ -13,6 +14,12 @@ first-order estimate of the loss change when the unit is removed, |Σ_tokens a·
 et al., 2019), on the same activations (the input of down_proj, each head's slice of the input of o_proj, the
 outputs of every RMSNorm). `layer_drop_kl` measures, for each layer, how far the output moves (KL) when that
 layer is skipped.
+
+`mlp_reconstruction_scores` orders each layer's neurons by a greedy, nested selection: remove, one at a time, the
+neuron whose removal adds least to the squared error of the layer's MLP output on the calibration tokens,
+E‖Σ_{removed j} a_j·w_j‖² (w_j: down_proj's column j), computed exactly from the covariance of a and WᵀW. Unlike a
+per-neuron score it sees neurons that cancel or duplicate one another, and every prefix of its order is one
+greedy step from the next, as nested widths need.
 
 The `*_scores` functions turn those sums into scores (higher = more important), one function per axis.
 Which scorer each axis uses is a choice made by measurement (`SCORERS`, `DEFAULT_SCORERS`; the drop-cost
@@ -41,6 +48,8 @@ class CalibrationStatistics:
     hidden: torch.Tensor  # (hidden,)
     layers: torch.Tensor  # (layers,)
     tokens: int = 0
+    mlp_covariance: list[torch.Tensor] | None = None  # per layer (intermediate, intermediate): sums of a·aᵀ, fp32, on
+    # the activations' device (L·F² floats: 0.3 GB on SmolLM2, 26 GB on Llama 3.1 8B); only with covariance=True
 
     @classmethod
     def zeros(cls, config) -> CalibrationStatistics:
@@ -114,11 +123,15 @@ def _watch_layer(layer, mlp_hook, head_hook, norm_hook, layer_hook) -> list:
 
 
 @torch.no_grad()
-def collect_statistics(model, data, batch_size: int = 8, progress: bool = True) -> CalibrationStatistics:
-    """Run a `LlamaForCausalLM` (or a LlamaFlex model at full size) over `data` and accumulate activations."""
+def collect_statistics(model, data, batch_size: int = 8, progress: bool = True,
+                       covariance: bool = False) -> CalibrationStatistics:
+    """Run a `LlamaForCausalLM` (or a LlamaFlex model at full size) over `data` and accumulate activations;
+    with `covariance`, also each layer's Σ a·aᵀ of the down_proj input (for `mlp_reconstruction_scores`)."""
     config = model.config
     n_q, d = config.num_attention_heads, config.head_dim
     stats = CalibrationStatistics.zeros(config)
+    if covariance:
+        stats.mlp_covariance = [None] * config.num_hidden_layers
     token_mask: dict[str, torch.Tensor] = {}
 
     def weighted(x: torch.Tensor) -> torch.Tensor:  # sum over tokens of x (..., B, T, C) -> (C,)
@@ -131,6 +144,10 @@ def collect_statistics(model, data, batch_size: int = 8, progress: bool = True) 
         def mlp_hook(module, args, l=l):
             stats.mlp[l] += weighted(args[0].abs())
             stats.mlp_squares[l] += weighted(args[0].float().pow(2))
+            if covariance:
+                a = (args[0].float() * token_mask["mask"][..., None].float()).reshape(-1, args[0].shape[-1])
+                sums = a.T @ a
+                stats.mlp_covariance[l] = sums if stats.mlp_covariance[l] is None else stats.mlp_covariance[l] + sums
 
         def head_hook(module, args, l=l):
             x = args[0]
@@ -296,6 +313,43 @@ def mlp_scores(stats: CalibrationStatistics, aggregation: str = "mean") -> torch
     return stats.mlp / stats.tokens
 
 
+def greedy_removal_order(gram: torch.Tensor) -> torch.Tensor:
+    """Indices in the order a greedy removal takes them, for the quadratic cost e(S) = Σ_{j,k ∈ S} gram[j, k] of
+    the removed set S: each step removes the unit that adds least, gram[j, j] + 2·Σ_{k ∈ S} gram[j, k]."""
+    gram = gram.double()
+    n = gram.shape[0]
+    added = torch.diagonal(gram).clone()  # the cost each unit would add now
+    removed = torch.zeros(n, dtype=torch.bool, device=gram.device)
+    order = torch.empty(n, dtype=torch.long)
+    for step in range(n):
+        j = int(added.masked_fill(removed, float("inf")).argmin())
+        order[step] = j
+        removed[j] = True
+        added += 2 * gram[:, j]
+    return order
+
+
+@torch.no_grad()
+def mlp_reconstruction_scores(stats: CalibrationStatistics, down_weights: list[torch.Tensor],
+                              progress: bool = False) -> torch.Tensor:
+    """(layers, intermediate): each neuron's step in the greedy removal that keeps the layer's MLP output
+    closest to the parent's (higher = removed later = more important). The cost of removing the set S is
+    E‖Σ_{j ∈ S} a_j·w_j‖² = Σ_{j,k ∈ S} E[a_j a_k]·(w_j·w_k), from the covariance (`covariance=True`) and
+    down_proj's weights (`down_weights[l]`, (hidden, intermediate))."""
+    if stats.mlp_covariance is None:
+        raise ValueError("the reconstruction scorer needs collect_statistics(..., covariance=True)")
+    scores = []
+    for covariance, weight in tqdm(list(zip(stats.mlp_covariance, down_weights)), desc="MLP reconstruction order",
+                                   disable=not progress):
+        w = weight.to(covariance.device, torch.float32)
+        gram = (covariance / stats.tokens) * (w.T @ w)
+        order = greedy_removal_order(gram)
+        score = torch.empty(len(order), dtype=torch.float64)
+        score[order] = torch.arange(len(order), dtype=torch.float64)
+        scores.append(score)
+    return torch.stack(scores)
+
+
 def head_scores(stats: CalibrationStatistics) -> torch.Tensor:
     """(layers, query heads): mean L2 norm of each head's attention output."""
     return stats.heads / stats.tokens
@@ -314,7 +368,7 @@ def layer_scores(stats: CalibrationStatistics) -> torch.Tensor:
 SCORERS = {
     "hidden": ("activation", "taylor"),
     "heads": ("activation", "taylor", "activation_weight"),
-    "mlp": ("activation", "activation_l2", "taylor", "activation_weight"),
+    "mlp": ("activation", "activation_l2", "taylor", "activation_weight", "reconstruction"),
     "depth": ("block_influence", "taylor", "drop_kl"),
 }
 # Chosen by measurement on SmolLM2-135M (bench/importance.py; the drop-cost tables are in bench/QUALITY.md): the
@@ -350,9 +404,10 @@ def score_units(model, data, importance: str | dict | None = None, batch_size: i
     scorers = resolve_scorers(importance)
     needed = set(scorers.values())
     stats = {}
-    if needed & {"activation", "activation_l2", "block_influence", "activation_weight"}:
-        stats["activation"] = stats["activation_l2"] = stats["block_influence"] = stats["activation_weight"] = (
-            collect_statistics(model, data, batch_size, progress))
+    activation_scorers = {"activation", "activation_l2", "block_influence", "activation_weight", "reconstruction"}
+    if needed & activation_scorers:
+        collected = collect_statistics(model, data, batch_size, progress, covariance=scorers["mlp"] == "reconstruction")
+        stats.update(dict.fromkeys(activation_scorers, collected))
     if "taylor" in needed:
         stats["taylor"] = collect_taylor_statistics(model, data, batch_size, progress)
     scores = {
@@ -360,6 +415,10 @@ def score_units(model, data, importance: str | dict | None = None, batch_size: i
         "heads": head_scores(stats[scorers["heads"]]),
         "mlp": mlp_scores(stats[scorers["mlp"]], "l2" if scorers["mlp"] == "activation_l2" else "mean"),
     }
+    if scorers["mlp"] == "reconstruction":
+        downs = [layer.mlp.down_proj.weight for layer in model.model.layers]
+        scores["mlp"] = mlp_reconstruction_scores(stats["reconstruction"], downs, progress)
+        stats["reconstruction"].mlp_covariance = None  # L·F² floats: free them now
     if scorers["mlp"] == "activation_weight" or scorers["heads"] == "activation_weight":
         out_norms = output_weight_norms(model)
         if scorers["mlp"] == "activation_weight":
@@ -408,6 +467,8 @@ __all__ = [
     "collect_statistics",
     "collect_taylor_statistics",
     "layer_drop_kl",
+    "greedy_removal_order",
+    "mlp_reconstruction_scores",
     "resolve_scorers",
     "score_units",
     "DEFAULT_SCORERS",

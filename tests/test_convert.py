@@ -103,6 +103,40 @@ def test_mlp_l2_scores_are_the_root_mean_square_of_the_down_proj_input():
     assert importance.mlp_scores(stats)[1, 0] < importance.mlp_scores(stats)[1, 1]
 
 
+def test_mlp_reconstruction_order_is_the_greedy_on_the_measured_output_error():
+    """`reconstruction` against a brute-force check on hooked activations: each step of its order removes a neuron
+    whose removal leaves the smallest squared error of the layer's MLP output (recomputed from the activations);
+    a neuron that down_proj ignores goes first, however loud (activation_l2 ranks it first)."""
+    llama = tiny_llama()
+    with torch.no_grad():
+        mlp = llama.model.layers[1].mlp
+        mlp.up_proj.weight[7] *= 30  # the loudest neuron of the layer ...
+        mlp.down_proj.weight[:, 7] = 0  # ... which changes nothing
+    data = calibration()
+    seen = []
+    hook = mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    stats = importance.collect_statistics(llama, data, progress=False, covariance=True)
+    hook.remove()
+    scores = importance.mlp_reconstruction_scores(stats, [layer.mlp.down_proj.weight for layer in llama.model.layers])
+    wired = importance.score_units(llama, data, {"mlp": "reconstruction"}, progress=False)["mlp"]
+    assert torch.equal(wired, scores)
+    a = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
+    w = mlp.down_proj.weight.detach().double()
+    order = torch.argsort(scores[1]).tolist()  # removed first to removed last
+    assert order[0] == 7
+    for step in range(len(order) - 1):  # each removal is a best next one (up to fp32 sums: near-ties may swap)
+        errors = {j: (a[:, order[:step] + [j]] @ w[:, order[:step] + [j]].T).pow(2).sum(-1).mean().item()
+                  for j in order[step:]}
+        assert errors[order[step]] <= min(errors.values()) * (1 + 1e-4) + 1e-9, step
+    assert int(importance.rank(importance.mlp_scores(stats, "l2"))[1, 0]) == 7
+
+
+def test_reconstruction_needs_the_covariance():
+    stats = importance.collect_statistics(tiny_llama(), calibration(), progress=False)
+    with pytest.raises(ValueError, match="covariance=True"):
+        importance.mlp_reconstruction_scores(stats, [])
+
+
 def test_taylor_ranks_a_harmless_head_last_where_activation_ranks_it_first():
     """Head 4 (first of KV group 1) of layer 2 has the largest output but o_proj ignores it: dropping it costs
     nothing. Activation norms put it first in its group; the Taylor score (the default) puts it last."""
