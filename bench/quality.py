@@ -76,17 +76,27 @@ def diff(a: dict, b: dict) -> str:
     return f"{d:+.4f} ± {e:.4f}"
 
 
-def line_check(res: dict, budgets: list[float]) -> list[dict]:
-    """Each grid budget against the straight line (in budget) between its trained neighbours (1 = the full model)."""
+def line_check(res: dict, budgets: list[float], x: str = "budget") -> list[dict]:
+    """Each grid budget against the straight line between its trained neighbours (1 = the full model).
+
+    `x` "budget": the line in nominal budget (a grid budget at b against the trained budgets around b);
+    "size": the line in exported size, the fraction of the parent's non-embedding parameters on the plot's axis
+    (each point where its sub-model really is: a grid budget that exports a trained budget's sub-model is that
+    point, on the line).
+    """
+    def where(b: float, row: dict) -> float:
+        return b if x == "budget" else row["fraction"]
+
     anchors = {b: res["rows"][f"{b:g}"] for b in budgets}
     anchors[1.0] = res["grid"][f"{1.0:.4g}"]
-    points = sorted(anchors)
+    points = sorted((where(b, row), b) for b, row in anchors.items())
     out, previous = [], None
     for key, row in sorted(res["grid"].items(), key=lambda kv: float(kv[0])):
         b = float(key)
-        lo = max((p for p in points if p <= b), default=points[0])
-        hi = min((p for p in points if p >= b), default=points[-1])
-        w = 0.0 if hi == lo else (b - lo) / (hi - lo)
+        at = where(b, row)
+        lo_at, lo = max((p for p in points if p[0] <= at), default=points[0])
+        hi_at, hi = min((p for p in points if p[0] >= at), default=points[-1])
+        w = 0.0 if hi_at == lo_at else (at - lo_at) / (hi_at - lo_at)
         line = [(1 - w) * x + w * y for x, y in zip(anchors[lo]["blocks"], anchors[hi]["blocks"])]
         d, e = paired(row["blocks"], line)
         step = None if previous is None else paired(row["blocks"], previous["blocks"])
@@ -133,17 +143,21 @@ def tables(results: dict, meta: dict, names: list[str]) -> str:
             out.append("Modulation gains |g − 1| at the exported architectures (max / mean): " + ", ".join(
                 f"{k}: {g['max_abs']:.4f} / {g['mean_abs']:.4f}" for k, g in gains.items() if g) + ".\n")
         out.append("| budget | fraction | exported arch | router's own pick | agree | loss | line between trained "
-                   "neighbours | above line | vs previous budget |")
-        out.append("|---:|---:|---|---|---|---:|---:|---:|---:|")
-        for c in line_check(res, budgets):
+                   "neighbours | above line | above the line in size | vs previous budget |")
+        out.append("|---:|---:|---|---|---|---:|---:|---:|---:|---:|")
+        by_budget, by_size = line_check(res, budgets), line_check(res, budgets, x="size")
+        for c, z in zip(by_budget, by_size):
             pick = res["picks"].get(f"{c['budget']:.4g}", {})
             step = "" if c["step"] is None else f"{c['step'][0]:+.4f} ± {c['step'][1]:.4f}"
             out.append(f"| {c['budget']:.4g} | {c['row']['fraction']:.3f} | {short_arch(c['row'])} | "
                        f"{pick.get('router', 'parent')} | {pick.get('agree', True)} | {fmt(c['row']['loss'], c['row']['se'])} | "
-                       f"{c['line']:.4f} | {c['above_line']:+.4f} ± {c['se']:.4f} | {step} |")
-        worst = max((c["step"][0] for c in line_check(res, budgets) if c["step"] is not None), default=0.0)
-        above = max(c["above_line"] for c in line_check(res, budgets))
-        out.append(f"\nLargest rise from one grid budget to the next larger: {worst:+.4f}; largest excess over the line: {above:+.4f}.\n")
+                       f"{c['line']:.4f} | {c['above_line']:+.4f} ± {c['se']:.4f} | {z['above_line']:+.4f} ± {z['se']:.4f} | {step} |")
+        worst = max((c["step"][0] for c in by_budget if c["step"] is not None), default=0.0)
+        above = max(by_budget, key=lambda c: c["above_line"])
+        above_size = max(by_size, key=lambda c: c["above_line"])
+        out.append(f"\nLargest rise from one grid budget to the next larger: {worst:+.4f}; largest excess over the line: "
+                   f"{above['above_line']:+.4f} ± {above['se']:.4f} (at {above['budget']:.4g}); in size: "
+                   f"{above_size['above_line']:+.4f} ± {above_size['se']:.4f} (at {above_size['budget']:.4g}).\n")
     mods = [(n, n + "_nomod") for n in names if n + "_nomod" in results and not n.endswith("_nomod")]
     for a, b in mods:
         out.append(f"### Modulation ablation: {a} against {b} (same starting weights, same architectures)\n")
@@ -180,6 +194,9 @@ def summary(results: dict, meta: dict, flex: str) -> dict:
            "variants": {n: loss(n) for n in results if "variant" in results[n]},
            "standard_errors": {m: {k: r["se"] for k, r in results[m]["rows"].items()} for m in results if "rows" in results[m]},
            "flex_minus_separate": {}, "meta": {k: v for k, v in meta.items() if k != "args"}}
+    if flex in results:  # each grid budget's excess over the line between trained neighbours, (mean, SE)
+        out["grid_above_line"] = {x: {f"{c['budget']:.4g}": [c["above_line"], c["se"]]
+                                      for c in line_check(results[flex], meta["budgets"], x=x)} for x in ("budget", "size")}
     if "separate" in results:
         for n in out["variants"]:
             out["flex_minus_separate"][n] = {k: paired(r["blocks"], results["separate"]["rows"][k]["blocks"])
