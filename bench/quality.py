@@ -51,6 +51,10 @@ VARIANTS = {
     # (training the very sub-models architecture(b) exports there: the interpolated budgets)
     "exported_between": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
                              interpolated_budget_probability=0.5, fit_routers="oneshot"),
+    # as "exported", with the routers also fitted between the trained budgets (41 budgets, each the best measured
+    # within its tolerance: `search.router_fit_family`, what conversion now does), so their own argmax is on budget
+    "exported_dense": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
+                           fit_routers="oneshot_dense"),
     # sandwich rule: every optimizer step trains the full model, the smallest budget and a random other one
     "sandwich": dict(sampling_rule="sandwich", hard_sample_probability=1.0, hard_samples="exported",
                      fit_routers="oneshot"),

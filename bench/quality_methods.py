@@ -20,7 +20,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import Architecture, is_full, make_architecture, search_architecture
-from modeling_llamaflex.search import fit_routers, score_architectures
+from modeling_llamaflex.search import fit_routers, router_fit_family, score_architectures
 from training.arguments import FlexTrainingArguments
 from training.trainer import INTERPOLATED, FlexTrainer, budget_key, distillation_loss, sorted_buckets
 
@@ -144,13 +144,17 @@ def variant_model(ctx, variant: dict) -> LlamaFlexForCausalLM:
     flex0 = ctx["flex0"]
     modulation = variant.get("use_modulation", True)
     embedding = variant.get("router_budget_embedding", "sinusoidal")
-    # "oneshot": the routers start at the one-shot export (what `separate` trains; a smaller architecture that
-    # scored better may be taken); "within": conversion's fit (the best within each budget's tolerance)
-    family = {b: (ctx["oneshot_arch"][b].indices if variant.get("fit_routers", "within") == "oneshot" else
+    # "oneshot": the routers start at the one-shot export at the trained budgets (what `separate` trains; a
+    # smaller architecture that scored better may be taken); "oneshot_dense": the same, and between the trained
+    # budgets the best within tolerance at 41 budgets (`search.router_fit_family`); "within": conversion's fit
+    fit = variant.get("fit_routers", "within")
+    family = {b: (ctx["oneshot_arch"][b].indices if fit.startswith("oneshot") else
                   search_architecture(flex0.config, b, allow_smaller=False)[0]) for b in flex0.config.budgets if b < 1}
+    if fit == "oneshot_dense":
+        family = router_fit_family(flex0.config, 41, trained=family)
     if modulation == flex0.config.use_modulation and embedding == flex0.config.router_budget_embedding:
         flex = copy.deepcopy(flex0)
-        if variant.get("fit_routers", "within") != "within":
+        if fit != "within":
             fit_routers(flex, family)
         return flex.eval()
     config = copy.deepcopy(flex0.config)
@@ -163,7 +167,7 @@ def variant_model(ctx, variant: dict) -> LlamaFlexForCausalLM:
     if unexpected or [k for k in missing if ".router." not in k and ".modulation." not in k and k != "lm_head.weight"]:
         raise RuntimeError(f"variant {variant}: weights do not fit ({missing}, {unexpected})")
     flex.tie_weights()
-    if embedding != flex0.config.router_budget_embedding or variant.get("fit_routers", "within") != "within":
+    if embedding != flex0.config.router_budget_embedding or fit != "within":
         fit_routers(flex, family)
     return flex.eval()
 

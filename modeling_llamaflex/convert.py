@@ -138,7 +138,8 @@ def calibrate_norm_gains(flex, data, batch_size: int = 8, progress: bool = True)
 
 @torch.no_grad()
 def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress: bool = True, importance=None,
-               score_data=None, score_budgets=None, top_k: int = 8, norm_correction: bool = False, **elastic):
+               score_data=None, score_budgets=None, top_k: int = 8, norm_correction: bool = False,
+               router_fit_points: int = 41, **elastic):
     """An elastic model holding the parent's weights; at full budget it gives the parent's logits.
 
     With `calibration_data` (token ids: a tensor, a list of sequences, a `datasets.Dataset` or batches),
@@ -148,9 +149,11 @@ def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress:
 
     With calibration data, architectures are then ranked by quality (`search.score_architectures`): the
     single-axis cuts and the `top_k` best-predicted candidates of each of `score_budgets` (default: the trained
-    budgets and the midpoints between them) are scored by next-token loss on `score_data` (default: the
+    budgets and the midpoints between them) are scored by KL to the parent on `score_data` (default: the
     calibration data), stored in `config.architecture_scores`, and the routers are fitted so that their argmax
-    at each trained budget is that budget's best architecture. `top_k=0` skips this.
+    at each trained budget, and at `router_fit_points` budgets from the smallest trained one to 1, is the best
+    measured architecture within that budget's tolerance (`search.router_fit_family`; 0: the trained budgets
+    only). `top_k=0` skips this.
     With calibration data and `norm_correction`, each hidden width gets RMSNorm gains that give its norm outputs
     the parent's scale (`calibrate_norm_gains`, `config.hidden_norm_gains`), measured before the scoring. Off by
     default: on SmolLM2 they help a cut of the hidden width alone but hurt sub-models that also cut heads, MLP
@@ -179,13 +182,13 @@ def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress:
     if calibration_data is not None and norm_correction and len(config.hidden_choices) > 1:
         config.hidden_norm_gains = calibrate_norm_gains(flex.eval(), calibration_data, batch_size, progress)
     if calibration_data is not None and top_k > 0 and config.elastic:
-        from .architecture import search_architecture
-        from .search import fit_routers, score_architectures
+        from .search import fit_routers, router_fit_family, score_architectures
 
         data = calibration_data if score_data is None else score_data
         config.architecture_scores = score_architectures(flex, data, score_budgets, top_k, batch_size, progress)
-        # the routers are trained to hold each budget within tolerance: they start from the best within it
-        family = {b: search_architecture(config, b, allow_smaller=False)[0] for b in config.budgets if b < 1}
+        # the routers are trained to hold each budget within tolerance: they start from the best within it, at
+        # the trained budgets and at budgets between them
+        family = router_fit_family(config, router_fit_points)
         matched = fit_routers(flex, family)
         if not all(matched.values()):
             logger.warning("routers could not be fitted to the one-shot family at budgets %s",

@@ -68,11 +68,17 @@ class BudgetRouter(nn.Module):
 
     def forward(self, budget: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per axis for a scalar budget tensor."""
+        return self.from_features(self.features(budget))
+
+    def features(self, budget: torch.Tensor) -> torch.Tensor:
+        """The router's input for a scalar budget: sinusoidal features, or the one-hot blend over the anchors."""
         dtype = self.embed.weight.dtype
         if self.mode == "onehot":
-            features = budget_blend(budget, self.anchors).to(dtype)
-        else:
-            features = sinusoidal(budget.reshape(()), self.embed_dim, max_frequency=BUDGET_MAX_FREQUENCY).to(dtype)
+            return budget_blend(budget, self.anchors).to(dtype)
+        return sinusoidal(budget.reshape(()), self.embed_dim, max_frequency=BUDGET_MAX_FREQUENCY).to(dtype)
+
+    def from_features(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per axis from `features` (..., input): a stack of budgets' features gives a stack of logits."""
         shared = F.silu(self.embed(features))
         return {axis: normalize_logits(head(shared)) for axis, head in self.heads.items()}
 

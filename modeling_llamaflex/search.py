@@ -114,6 +114,24 @@ def format_scores(config, budgets: list[float] | None = None) -> str:
     return "\n".join(lines)
 
 
+def router_fit_family(config, points: int = 41, trained: dict[float, dict[str, int]] | None = None) -> dict[float, dict[str, int]]:
+    """What conversion fits the routers to: at each trained budget its architecture (`trained`, default the best
+    measured within tolerance), and at `points` budgets evenly spaced from the smallest trained budget to 1 the
+    best measured within *their* tolerance, so that the routers' own argmax between trained budgets is an
+    architecture of the right size (a router fitted at the trained budgets only is a step function between
+    them: bench/QUALITY.md). `points` 0: the trained budgets only."""
+    budgets = sorted(b for b in config.budgets if b < 1)
+    family = dict(trained) if trained is not None else {
+        b: search_architecture(config, b, allow_smaller=False)[0] for b in budgets}
+    if points and budgets:
+        low = budgets[0]
+        for i in range(points - 1):  # 1 itself is the parent, fitted by `fit_routers`
+            b = round(low + (1 - low) * i / (points - 1), 6)
+            if b not in family:
+                family[b] = search_architecture(config, b, allow_smaller=False)[0]
+    return family
+
+
 def fit_routers(flex, architectures: dict[float, dict[str, int]], steps: int = 400, lr: float = 1e-2,
                 progress: bool = False) -> dict[float, bool]:
     """Initialise the routers so that their argmax at each budget is the given architecture's choice.
@@ -130,11 +148,13 @@ def fit_routers(flex, architectures: dict[float, dict[str, int]], steps: int = 4
     budgets = sorted(targets)
     tensors = {a: torch.tensor([targets[b][a] for b in budgets], device=device) for a in AXES}
     inputs = [torch.tensor(b, device=device, dtype=dtype) for b in budgets]
+    with torch.no_grad():
+        features = torch.stack([router.features(x) for x in inputs])  # (budgets, input): fixed, one batch
     optimizer = torch.optim.Adam(router.parameters(), lr=lr)
     with torch.enable_grad():
         for _ in tqdm(range(steps), desc="fitting routers", disable=not progress):
-            logits = [router(x) for x in inputs]
-            loss = sum(F.cross_entropy(torch.stack([l[a] for l in logits]).float() * 4.0, tensors[a]) for a in AXES)
+            logits = router.from_features(features)
+            loss = sum(F.cross_entropy(logits[a].float() * 4.0, tensors[a]) for a in AXES)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -142,4 +162,4 @@ def fit_routers(flex, architectures: dict[float, dict[str, int]], steps: int = 4
         return {b: all(int(router(x)[a].argmax()) == targets[b][a] for a in AXES) for b, x in zip(budgets, inputs)}
 
 
-__all__ = ["default_score_budgets", "fit_routers", "format_scores", "score_architectures"]
+__all__ = ["default_score_budgets", "fit_routers", "format_scores", "router_fit_family", "score_architectures"]
