@@ -84,7 +84,7 @@ def test_dominant_neuron_and_head_land_first():
 
 
 def test_mlp_l2_scores_are_the_root_mean_square_of_the_down_proj_input():
-    """`activation_l2` (the MLP default) against an independent hook on down_proj's input; a neuron that fires
+    """`activation_l2` against an independent hook on down_proj's input; a neuron that fires
     rarely but hard ranks above one that fires weakly everywhere with a larger mean |a|."""
     llama = tiny_llama()
     data = calibration()
@@ -95,7 +95,6 @@ def test_mlp_l2_scores_are_the_root_mean_square_of_the_down_proj_input():
     a = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
     torch.testing.assert_close(importance.mlp_scores(stats, "l2")[1], a.pow(2).mean(0).sqrt(), rtol=1e-5, atol=0)
     torch.testing.assert_close(importance.mlp_scores(stats)[1], a.abs().mean(0), rtol=1e-5, atol=0)
-    assert importance.DEFAULT_SCORERS["mlp"] == "activation_l2"
     # rare and large (|a| = 8 on one token in 16) against weak everywhere (|a| = 1): mean 0.5 < 1, RMS 2 > 1
     stats.mlp_squares[1, :2] = torch.tensor([64.0 / 16, 1.0]) * stats.tokens
     stats.mlp[1, :2] = torch.tensor([8.0 / 16, 1.0]) * stats.tokens
@@ -124,6 +123,7 @@ def test_mlp_reconstruction_order_is_the_greedy_on_the_measured_output_error():
     w = mlp.down_proj.weight.detach().double()
     order = torch.argsort(scores[1]).tolist()  # removed first to removed last
     assert order[0] == 7
+    assert importance.DEFAULT_SCORERS["mlp"] == "reconstruction"
     for step in range(len(order) - 1):  # each removal is a best next one (up to fp32 sums: near-ties may swap)
         errors = {j: (a[:, order[:step] + [j]] @ w[:, order[:step] + [j]].T).pow(2).sum(-1).mean().item()
                   for j in order[step:]}

@@ -336,7 +336,8 @@ def test_smollm2_converts_exactly(tmp_path):
             expected = parent(ids).logits
             # fp32 rounding only: the permutation reorders every reduction over 30 layers, RMSNorm variances
             # included (fp32 in both implementations even in an fp64 model). Measured 2026-12-07: 1.2e-4 on
-            # logits of magnitude ~25 with the MLP ranked by activation_l2 (9e-5 with mean |a|); the parent's own
+            # logits of magnitude ~25 with the MLP ranked by activation_l2 (9e-5 with mean |a|; passes with today's
+            # reconstruction order too); the parent's own
             # fp32 error against fp64 is 4e-5. The exactness of the conversion logic is tested at 1e-5 on tiny
             # models (tests/test_convert.py).
             torch.testing.assert_close(flex(ids).logits, expected, atol=2.5e-4, rtol=0)
