@@ -55,6 +55,9 @@ VARIANTS = {
     # within its tolerance: `search.router_fit_family`, what conversion now does), so their own argmax is on budget
     "exported_dense": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
                            fit_routers="oneshot_dense"),
+    # both: routers fitted between the trained budgets, and half the sub-model draws at a budget between them
+    "exported_dense_between": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
+                                   interpolated_budget_probability=0.5, fit_routers="oneshot_dense"),
     # sandwich rule: every optimizer step trains the full model, the smallest budget and a random other one
     "sandwich": dict(sampling_rule="sandwich", hard_sample_probability=1.0, hard_samples="exported",
                      fit_routers="oneshot"),
