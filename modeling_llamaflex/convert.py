@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .importance import head_order, rank, score_units
+from .search import ROUTER_FIT_POINTS
 from .configuration_llamaflex import LlamaFlexConfig
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def calibrate_norm_gains(flex, data, batch_size: int = 8, progress: bool = True)
 @torch.no_grad()
 def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress: bool = True, importance=None,
                score_data=None, score_budgets=None, top_k: int = 8, norm_correction: bool = False,
-               router_fit_points: int = 41, **elastic):
+               router_fit_points: int = ROUTER_FIT_POINTS, **elastic):
     """An elastic model holding the parent's weights; at full budget it gives the parent's logits.
 
     With `calibration_data` (token ids: a tensor, a list of sequences, a `datasets.Dataset` or batches),

@@ -114,7 +114,10 @@ def format_scores(config, budgets: list[float] | None = None) -> str:
     return "\n".join(lines)
 
 
-def router_fit_family(config, points: int = 41, trained: dict[float, dict[str, int]] | None = None) -> dict[float, dict[str, int]]:
+ROUTER_FIT_POINTS = 41  # budgets between the smallest trained one and 1 that conversion fits the routers at
+
+
+def router_fit_family(config, points: int = ROUTER_FIT_POINTS, trained: dict[float, dict[str, int]] | None = None) -> dict[float, dict[str, int]]:
     """What conversion fits the routers to: at each trained budget its architecture (`trained`, default the best
     measured within tolerance), and at `points` budgets evenly spaced from the smallest trained budget to 1 the
     best measured within *their* tolerance, so that the routers' own argmax between trained budgets is an
@@ -172,4 +175,4 @@ def fit_routers(flex, architectures: dict[float, dict[str, int]], steps: int = 3
     return matched()
 
 
-__all__ = ["default_score_budgets", "fit_routers", "format_scores", "router_fit_family", "score_architectures"]
+__all__ = ["ROUTER_FIT_POINTS", "default_score_budgets", "fit_routers", "format_scores", "router_fit_family", "score_architectures"]
