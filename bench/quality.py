@@ -55,6 +55,10 @@ VARIANTS = {
     # within its tolerance: `search.router_fit_family`, what conversion now does), so their own argmax is on budget
     "exported_dense": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
                            fit_routers="oneshot_dense"),
+    # as "exported_dense", and at the end of training the routers are fitted to the family the model then exports
+    # (`refit_routers`: during training they follow their budget loss only and drift from it)
+    "exported_dense_refit": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
+                                 fit_routers="oneshot_dense", refit_routers=True),
     # both: routers fitted between the trained budgets, and half the sub-model draws at a budget between them
     "exported_dense_between": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
                                    interpolated_budget_probability=0.5, fit_routers="oneshot_dense"),

@@ -295,6 +295,17 @@ def _lora_merged_weights(layer) -> dict[str, torch.Tensor]:
     return state
 
 
+def active_copy(module: nn.Module) -> nn.Module:
+    """What runs in a PEFT `modules_to_save` wrapper's forward: its active adapter's copy, or its original module
+    when adapters are off; any other module is itself. (Writing into the wrapper's attributes reaches only the
+    original, so whoever fits a wrapped module, as `search.fit_routers` does, fits this.)"""
+    copies = getattr(module, "modules_to_save", None)
+    if copies is None or not hasattr(module, "original_module"):
+        return module
+    active = [a for a in module.active_adapters if a in copies]
+    return module.original_module if module.disable_adapters or not active else copies[active[0]]
+
+
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model.state_dict()` in the base model's own names, with the active LoRA adapters merged in.
@@ -310,9 +321,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out.update({prefix + k: v for k, v in _lora_merged_weights(module).items()})
             return
         if isinstance(module, AuxiliaryTrainingWrapper):  # modules_to_save: the active copy, else the original
-            copies = getattr(module, "modules_to_save", {})
-            active = [a for a in module.active_adapters if a in copies]
-            collect(module.original_module if module.disable_adapters or not active else copies[active[0]], prefix)
+            collect(active_copy(module), prefix)
             return
         for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
             if tensor is not None and name not in module._non_persistent_buffers_set:
@@ -327,6 +336,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "ElasticLoraLinear",
+    "active_copy",
     "ElasticParent",
     "add_lora",
     "flex_model",

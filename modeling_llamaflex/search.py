@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .architecture import candidates, full_architecture, index_key, make_architecture, predicted_loss, search_architecture
 from .configuration_llamaflex import AXES
 from .importance import calibration_batches
+from .lora import active_copy
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +127,19 @@ def router_fit_family(config, points: int = ROUTER_FIT_POINTS, trained: dict[flo
     budgets = sorted(b for b in config.budgets if b < 1)
     family = dict(trained) if trained is not None else {
         b: search_architecture(config, b, allow_smaller=False)[0] for b in budgets}
-    if points and budgets:
-        low = budgets[0]
-        for i in range(points - 1):  # 1 itself is the parent, fitted by `fit_routers`
-            b = round(low + (1 - low) * i / (points - 1), 6)
-            if b not in family:
-                family[b] = search_architecture(config, b, allow_smaller=False)[0]
+    for b in router_fit_budgets(budgets, points):
+        if b not in family:
+            family[b] = search_architecture(config, b, allow_smaller=False)[0]
     return family
+
+
+def router_fit_budgets(budgets, points: int = ROUTER_FIT_POINTS) -> list[float]:
+    """`points` budgets evenly spaced from the smallest of `budgets` below 1 to 1, 1 itself left out (it is the
+    parent, which `fit_routers` always fits); none for `points` 0 or no budget below 1."""
+    low = min((b for b in budgets if b < 1), default=None)
+    if not points or low is None:
+        return []
+    return [round(low + (1 - low) * i / (points - 1), 6) for i in range(points - 1)]
 
 
 def fit_routers(flex, architectures: dict[float, dict[str, int]], steps: int = 3000, lr: float = 1e-2,
@@ -145,7 +152,7 @@ def fit_routers(flex, architectures: dict[float, dict[str, int]], steps: int = 3
     alternate between neighbouring depths took 400 to 1,000 steps on SmolLM2; a few seconds on a CPU.)
     """
     config = flex.config
-    router = flex.model.router
+    router = active_copy(flex.model.router)  # under PEFT, the copy that runs
     targets = dict(architectures)
     targets.setdefault(1.0, full_architecture(config).indices)
     device = next(router.parameters()).device
@@ -175,4 +182,5 @@ def fit_routers(flex, architectures: dict[float, dict[str, int]], steps: int = 3
     return matched()
 
 
-__all__ = ["ROUTER_FIT_POINTS", "default_score_budgets", "fit_routers", "format_scores", "router_fit_family", "score_architectures"]
+__all__ = ["ROUTER_FIT_POINTS", "default_score_budgets", "fit_routers", "format_scores", "router_fit_budgets", "router_fit_family",
+           "score_architectures"]

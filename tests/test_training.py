@@ -141,3 +141,45 @@ def test_per_budget_logs_go_to_tensorboard_by_default(tmp_path):
     tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert {"train/gumbel_temperature", "train/logit_scale"} <= set(tags)
     assert any(t.startswith("train/b0.5/") for t in tags) and any(t.startswith("train/b1/") for t in tags)
+
+
+def router_argmax(flex, budget: float) -> dict[str, int]:
+    with torch.no_grad():
+        logits = flex.model.router(torch.tensor(float(budget)))
+    return {axis: int(v.argmax()) for axis, v in logits.items()}
+
+
+def test_refit_routers_makes_the_exported_family_the_routers_own(tmp_path):
+    """Routers trained by the budget loss alone drift off the exported family (the search replaces their picks);
+    `refit_routers` fits them to what the model exports at the end of training: afterwards the routers' own argmax
+    is the export at every fitted budget and the export there is unchanged. `refit_routers: true` does it
+    through the callback before the trainer returns."""
+    from modeling_llamaflex.search import router_fit_budgets
+
+    def run(out, **extra):
+        flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), budgets=[0.5, 0.75])
+        args = arguments(tmp_path / out, max_steps=40, freeze_llm=True, distillation_weight=0, lm_loss_weight=0,
+                         full_budget_probability=0.0, hard_sample_probability=1.0, hard_samples="exported",
+                         router_learning_rate=0.05, per_device_train_batch_size=1, logging_steps=1000, **extra)
+        trainer = FlexTrainer(model=flex, args=args, train_dataset=dataset(8, 4))
+        trainer.train()
+        return flex, trainer
+
+    flex, trainer = run("plain")
+    fitted = sorted({0.5, 0.75} | set(router_fit_budgets([0.5, 0.75])))
+    assert len(fitted) == 40
+    before = {b: flex.architecture(b).indices for b in fitted}
+    drifted = [b for b in fitted if router_argmax(flex, b) != before[b]]
+    assert drifted, "the routers did not drift: this test could not fail"
+    matched = trainer.refit_routers()
+    assert all(matched.values())
+    for b in fitted:
+        assert router_argmax(flex, b) == before[b] == flex.architecture(b).indices, b
+
+    flex2, _ = run("callback", refit_routers=True)
+    assert all(router_argmax(flex2, b) == before[b] == flex2.architecture(b).indices for b in fitted)
+    # under PEFT the routers are modules_to_save copies: the copy that runs is the one fitted
+    _, trainer3 = run("lora", refit_routers=True, lora_r=4)
+    flex3 = trainer3.flex
+    assert type(flex3.model.router).__name__ == "ModulesToSaveWrapper"
+    assert all(router_argmax(flex3, b) == flex3.architecture(b).indices for b in fitted)

@@ -73,6 +73,12 @@ class FlexArguments:
         metadata={"help": "Extra budgets per step, uniform between the smallest trained budget and 1, at which the "
                   "routers' budget loss is added (no LLM forward): routers that stay on budget between trained ones."},
     )
+    refit_routers: bool = field(
+        default=False,
+        metadata={"help": "At the end of training, fit the routers to the family the model then exports "
+                  "(architecture(b) at the trained budgets and at search.ROUTER_FIT_POINTS budgets from the smallest "
+                  "trained one to 1), so that their own argmax is the exported sub-model there and between."},
+    )
     sampling_seed: int = field(
         default=1234, metadata={"help": "Seed of the budget / Gumbel stream; every rank draws the same from (seed, step)."}
     )

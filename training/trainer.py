@@ -28,11 +28,11 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from modeling_llamaflex import budget_loss, expected_parameters, parse_budget
 from modeling_llamaflex.lora import add_lora as elastic_add_lora
-from modeling_llamaflex.lora import flex_model, has_peft_layers, merged_state_dict
+from modeling_llamaflex.lora import active_copy, flex_model, has_peft_layers, merged_state_dict
 from modeling_llamaflex.router import BudgetRouter
 
 from .arguments import FlexArguments, FlexTrainingArguments
-from .callbacks import SCHEDULES
+from .callbacks import CALLBACKS
 
 logger = logging.getLogger(__name__)
 
@@ -157,12 +157,13 @@ def add_lora(model, lora_config):
 
 
 @contextlib.contextmanager
-def gathered(module: torch.nn.Module):
-    """Whole parameters of `module` for use outside its forward (a no-op without ZeRO-3)."""
+def gathered(module: torch.nn.Module, modify: bool = False):
+    """Whole parameters of `module` for use outside its forward (a no-op without ZeRO-3); with `modify`, what
+    rank 0 writes into them is kept and sent to every rank."""
     if is_deepspeed_zero3_enabled():
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None):
             yield
     else:
         yield
@@ -189,7 +190,7 @@ class FlexTrainingMixin:
         if args.lora_r and not has_peft_layers(model):
             model = add_lora(model, args.lora_config(flex.config))
         callbacks = list(kwargs.pop("callbacks", None) or [])
-        callbacks += [cls() for cls in SCHEDULES if not any(isinstance(c, cls) for c in callbacks)]
+        callbacks += [cls() for cls in CALLBACKS if not any(isinstance(c, cls) for c in callbacks)]
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         self.loss_is_scaled_for_ga = False  # our losses are per-micro-batch means: Trainer divides by GA steps
         self.flex = flex_model(self.model, name)
@@ -199,7 +200,7 @@ class FlexTrainingMixin:
         self.logit_scale = args.logit_scale_start
         self.hard_sample_probability = args.hard_sample_probability
         for callback in self.callback_handler.callbacks:
-            if isinstance(callback, SCHEDULES):
+            if isinstance(callback, CALLBACKS):
                 callback.trainer = self
         self.sampler = BudgetSampler(self.budgets, args.budget_weights, args.full_budget_probability, args.sampling_seed,
                                      args.sampling_rule, args.interpolated_budget_probability)
@@ -272,6 +273,33 @@ class FlexTrainingMixin:
                 logger.warning("%s has no %s (saved by an earlier version): tokens_per_budget restarts from zero",
                                checkpoint, self.TOKENS_FILE)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ---- the routers made the exported family's own (refit_routers) ----
+    def refit_routers(self) -> dict[float, bool]:
+        """Fit the routers to the family the model exports now: `architecture(b)` at the trained budgets and at
+        `search.ROUTER_FIT_POINTS` budgets from the smallest trained one to 1. Their own argmax then is the
+        exported sub-model at those budgets (the export there does not change) and, being smooth in the budget,
+        at the budgets between. During training the routers follow their budget loss only when every sample is
+        an exported sub-model, so they drift from the family (bench/QUALITY.md). Returns {budget: matched}."""
+        from modeling_llamaflex.search import fit_routers, router_fit_budgets
+
+        flex = self.flex
+        budgets = sorted({b for b in self.budgets if b < 1} | set(router_fit_budgets(self.budgets)))
+        with gathered(flex.model.router, modify=True):
+            family = {b: flex.architecture(b).indices for b in budgets}
+            # from fresh weights, as at conversion: trained routers can be saturated (normalised logits whose raw
+            # scale has grown), where a few thousand small Adam steps no longer move the argmax
+            router = active_copy(flex.model.router)
+            trained_steps = router.trained_steps.clone()
+            with torch.no_grad():
+                router.apply(flex._init_weights)
+                router.trained_steps.copy_(trained_steps)
+            matched = fit_routers(flex, family)
+        missed = [b for b, ok in matched.items() if not ok]
+        if missed:
+            logger.warning("refit_routers: the routers' argmax misses the exported sub-model at budgets %s", missed)
+        logger.info("refit_routers: routers fitted to the exported family at %d budgets", len(family))
+        return matched
 
     # ---- saving: always a plain LlamaFlex checkpoint ----
     def save_flex_model(self, output_dir: str) -> None:
