@@ -62,6 +62,11 @@ VARIANTS = {
     # both: routers fitted between the trained budgets, and half the sub-model draws at a budget between them
     "exported_dense_between": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
                                    interpolated_budget_probability=0.5, fit_routers="oneshot_dense"),
+    # as "exported_dense_between" with the routers frozen at conversion's fit (no budget loss: with exported hard
+    # samples it is their only gradient), so no trained budget's argmax moves while the budgets between train
+    "exported_dense_between_frozen": dict(full_budget_probability=0.2, hard_sample_probability=1.0,
+                                          hard_samples="exported", interpolated_budget_probability=0.5,
+                                          fit_routers="oneshot_dense", budget_loss_weight=0.0),
     # sandwich rule: every optimizer step trains the full model, the smallest budget and a random other one
     "sandwich": dict(sampling_rule="sandwich", hard_sample_probability=1.0, hard_samples="exported",
                      fit_routers="oneshot"),
