@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .importance import head_order, rank, score_units
 from .search import ROUTER_FIT_POINTS
-from .configuration_llamaflex import LlamaFlexConfig
+from .configuration_llamaflex import LlamaFlexConfig, default_choices
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,11 @@ class Orders:
     layers: list[int]  # layer ranking (layers are not moved; depth keeps a prefix of this ranking)
 
 
-def importance_orders(llama, calibration_data, batch_size: int = 8, progress: bool = True, importance=None) -> Orders:
-    """Calibrate and rank every unit of the parent with the scorer chosen per axis (see `importance`)."""
-    scores = score_units(llama, calibration_data, importance, batch_size, progress)
+def importance_orders(llama, calibration_data, batch_size: int = 8, progress: bool = True, importance=None,
+                      min_depth: int | None = None) -> Orders:
+    """Calibrate and rank every unit of the parent with the scorer chosen per axis (see `importance`);
+    `min_depth`, the fewest layers a sub-model keeps, bounds the greedy layer order."""
+    scores = score_units(llama, calibration_data, importance, batch_size, progress, min_depth)
     return Orders(
         hidden=rank(scores["hidden"]),
         heads=head_order(scores["heads"], llama.config.num_key_value_heads),
@@ -165,7 +167,8 @@ def from_llama(cls, llama, calibration_data=None, batch_size: int = 8, progress:
     state = llama.state_dict()
     if calibration_data is not None:
         with torch.enable_grad():  # Taylor scorers need a backward pass
-            orders = importance_orders(llama, calibration_data, batch_size, progress, importance)
+            min_depth = min(elastic.get("depth_choices") or default_choices(llama.config)["depth_choices"])
+            orders = importance_orders(llama, calibration_data, batch_size, progress, importance, min_depth)
         state = permute_state_dict(state, llama.config, orders)
         elastic.setdefault("layer_ranking", orders.layers)
     config = LlamaFlexConfig.from_llama_config(llama.config, **elastic)

@@ -260,45 +260,85 @@ def collect_taylor_statistics(model, data, batch_size: int = 8, progress: bool =
     return stats
 
 
-@torch.no_grad()
+class DropKL:
+    """KL(model ‖ model with some layers skipped) per token on the first batches of `data` that hold
+    `max_tokens` tokens (None: all), the full model's log-probabilities computed once. A skipped layer passes its
+    input through; `measure` restores the model before it returns."""
+
+    @torch.no_grad()
+    def __init__(self, model, data, batch_size: int = 8, max_tokens: int | None = DROP_LOSS_TOKENS):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.batches, tokens = [], 0
+        for ids, mask in calibration_batches(data, batch_size):
+            if max_tokens is not None and tokens >= max_tokens:
+                break
+            self.batches.append((ids.to(self.device),
+                                 torch.ones_like(ids, device=self.device) if mask is None else mask.to(self.device)))
+            tokens += int(self.batches[-1][1].sum())
+        self.reference = [self._logprobs(ids, mask) for ids, mask in self.batches]
+
+    def _logprobs(self, ids, mask):
+        return F.log_softmax(self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+
+    @torch.no_grad()
+    def measure(self, skipped) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        hooks = [self.model.model.layers[l].register_forward_hook(
+            lambda m, a, kw, out: (a[0] if a else kw["hidden_states"]), with_kwargs=True) for l in skipped]
+        try:
+            total, count = 0.0, 0
+            for (ids, mask), ref in zip(self.batches, self.reference):
+                kl = (ref.exp() * (ref - self._logprobs(ids, mask))).sum(-1)
+                total += float((kl * mask).sum())
+                count += int(mask.sum())
+            return total / max(count, 1)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.model.train(was_training)
+
+
 def layer_drop_kl(model, data, batch_size: int = 8, progress: bool = True,
                   max_tokens: int | None = DROP_LOSS_TOKENS) -> torch.Tensor:
     """(layers,): KL(model ‖ model without layer l) per token, each layer skipped in turn (its input passed
     through), on the first batches of `data` that hold `max_tokens` tokens (None: all): one forward per layer per
     batch. 0 for a layer that changes nothing, whatever the data (a next-token loss can fall by chance)."""
-    batches, tokens = [], 0
-    for ids, mask in calibration_batches(data, batch_size):
-        if max_tokens is not None and tokens >= max_tokens:
-            break
-        batches.append((ids, mask))
-        tokens += int(ids.numel() if mask is None else mask.sum())
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    kl = DropKL(model, data, batch_size, max_tokens)
+    layers = range(model.config.num_hidden_layers)
+    return torch.tensor([kl.measure([l]) for l in tqdm(layers, desc="layer drop KL", disable=not progress)],
+                        dtype=torch.float64)
 
-    def logprobs(ids, mask):
-        return F.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
 
-    batches = [(ids.to(device), torch.ones_like(ids, device=device) if mask is None else mask.to(device))
-               for ids, mask in batches]
-    reference = [logprobs(ids, mask) for ids, mask in batches]
-    scores = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
-    try:
-        for l in tqdm(range(len(scores)), desc="layer drop KL", disable=not progress):
-            hook = model.model.layers[l].register_forward_hook(
-                lambda m, a, kw, out: (a[0] if a else kw["hidden_states"]), with_kwargs=True
-            )
-            try:
-                total, count = 0.0, 0
-                for (ids, mask), ref in zip(batches, reference):
-                    kl = (ref.exp() * (ref - logprobs(ids, mask))).sum(-1)
-                    total += float((kl * mask).sum())
-                    count += int(mask.sum())
-                scores[l] = total / max(count, 1)
-            finally:
-                hook.remove()
-    finally:
-        model.train(was_training)
+GREEDY_DROP_CANDIDATES = 8  # layers re-measured at each greedy step (the cheapest of the previous step)
+
+
+def greedy_layer_drop_scores(model, data, drops: int, batch_size: int = 8, progress: bool = True,
+                             max_tokens: int | None = DROP_LOSS_TOKENS,
+                             candidates: int | None = GREEDY_DROP_CANDIDATES) -> torch.Tensor:
+    """(layers,): the layers in a greedy, nested drop order (higher = dropped later = more important). The first
+    `drops` layers go one at a time: each step measures the KL of also dropping each remaining layer, with the
+    layers already dropped skipped, and drops the cheapest. Only the `candidates` cheapest of the previous step are
+    re-measured (None: every remaining layer; the first step measures all). Dropped layers score their step;
+    the rest `drops` plus their rank by the last KL measured. A single-drop ranking (`layer_drop_kl`) misses that
+    two layers can be cheap alone and costly together; this costs `drops` × `candidates` passes instead of one
+    per layer (bench/QUALITY.md)."""
+    layers = model.config.num_hidden_layers
+    drops = max(0, min(drops, layers - 1))
+    kl = DropKL(model, data, batch_size, max_tokens)
+    last = {l: kl.measure([l]) for l in tqdm(range(layers), desc="layer drop KL", disable=not progress)}
+    dropped: list[int] = []
+    for _ in tqdm(range(drops), desc="greedy layer drop", disable=not progress or not drops):
+        remaining = sorted((l for l in last if l not in dropped), key=lambda l: last[l])
+        fresh = remaining[: candidates or None] if dropped else remaining  # step 1: every single drop is fresh
+        for l in fresh if dropped else []:
+            last[l] = kl.measure(dropped + [l])
+        dropped.append(min(fresh, key=lambda l: last[l]))
+    scores = torch.empty(layers, dtype=torch.float64)
+    scores[dropped] = torch.arange(len(dropped), dtype=torch.float64)
+    rest = sorted((l for l in range(layers) if l not in dropped), key=lambda l: last[l])
+    scores[rest] = len(dropped) + torch.arange(len(rest), dtype=torch.float64)
     return scores
 
 
@@ -369,7 +409,7 @@ SCORERS = {
     "hidden": ("activation", "taylor"),
     "heads": ("activation", "taylor", "activation_weight"),
     "mlp": ("activation", "activation_l2", "taylor", "activation_weight", "reconstruction"),
-    "depth": ("block_influence", "taylor", "drop_kl"),
+    "depth": ("block_influence", "taylor", "drop_kl", "greedy_drop_kl"),
 }
 # Chosen by measurement on SmolLM2-135M (bench/importance.py; the drop-cost tables are in bench/QUALITY.md): the
 # activation norm ranks SmolLM2's heads inversely to their harm, the Taylor score in the right order; for MLP
@@ -399,8 +439,10 @@ def resolve_scorers(importance: str | dict | None) -> dict[str, str]:
 
 
 def score_units(model, data, importance: str | dict | None = None, batch_size: int = 8,
-                progress: bool = True) -> dict[str, torch.Tensor]:
-    """Scores of every unit on every axis (higher = more important) with the chosen scorer per axis."""
+                progress: bool = True, min_depth: int | None = None) -> dict[str, torch.Tensor]:
+    """Scores of every unit on every axis (higher = more important) with the chosen scorer per axis.
+    `min_depth`: the fewest layers a sub-model keeps (the `greedy_drop_kl` scorer orders the layers down to it;
+    default half of them)."""
     scorers = resolve_scorers(importance)
     needed = set(scorers.values())
     stats = {}
@@ -427,6 +469,10 @@ def score_units(model, data, importance: str | dict | None = None, batch_size: i
             scores["heads"] = scores["heads"] * out_norms["heads"]
     if scorers["depth"] == "drop_kl":
         scores["depth"] = layer_drop_kl(model, data, batch_size, progress)  # a larger change: more important
+    elif scorers["depth"] == "greedy_drop_kl":
+        layers = model.config.num_hidden_layers
+        drops = layers - (min_depth if min_depth is not None else max(1, layers // 2))
+        scores["depth"] = greedy_layer_drop_scores(model, data, drops, batch_size, progress)
     else:
         scores["depth"] = layer_scores(stats[scorers["depth"]])
     return scores
@@ -467,6 +513,8 @@ __all__ = [
     "collect_statistics",
     "collect_taylor_statistics",
     "layer_drop_kl",
+    "greedy_layer_drop_scores",
+    "DropKL",
     "greedy_removal_order",
     "mlp_reconstruction_scores",
     "resolve_scorers",
