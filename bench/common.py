@@ -51,17 +51,32 @@ def ensure_shakespeare(corpus_dir: str = ".cache/shakespeare") -> None:
         fetch_shakespeare(corpus_dir)
 
 
-EVAL_TEXTS = ("shakespeare", "news")
+EVAL_TEXTS = ("shakespeare", "news", "news_heldout")
+CALIBRATION_TEXTS = ("shakespeare", "news")
+NEWS_CALIBRATION_ARTICLES = 180  # of the news text's 300 articles, the first 180 calibrate, the other 120 are held out
+
+
+def news_split() -> tuple[str, str]:
+    """The news text (`training.corpus.fetch_news_text`) as (calibration articles, held-out articles)."""
+    from training.corpus import fetch_news_text
+
+    articles = fetch_news_text().read_text(encoding="utf-8").split("\n\n")
+    return "\n\n".join(articles[:NEWS_CALIBRATION_ARTICLES]), "\n\n".join(articles[NEWS_CALIBRATION_ARTICLES:])
 
 
 def load_parent_and_blocks(parent: str, calibration: str, held_out: str, corpus_dir: str = ".cache/shakespeare",
-                           eval_text: str = "shakespeare"):
-    """(parent LlamaForCausalLM fp32, calibration blocks from the training text, held-out blocks, info).
-    `parent` is anything `modeling_llamaflex.parents` resolves (a folder, a .gguf, `smollm2-135m`); the corpus
-    is Shakespeare (python -m training.corpus). Held-out blocks come from `eval_text`: "shakespeare", the
-    validation plays, or "news", modern news prose (`training.corpus.fetch_news_text`)."""
-    if eval_text not in EVAL_TEXTS:
-        raise ValueError(f"eval_text {eval_text!r} is not one of {EVAL_TEXTS}")
+                           eval_text: str = "shakespeare", calibration_text: str = "shakespeare"):
+    """(parent LlamaForCausalLM fp32, calibration blocks, held-out blocks, info). `parent` is anything
+    `modeling_llamaflex.parents` resolves (a folder, a .gguf, `smollm2-135m`). Calibration blocks come from
+    `calibration_text`: "shakespeare", the training plays (python -m training.corpus), or "news", the first 180
+    articles of modern news prose (`training.corpus.fetch_news_text`). Held-out blocks come from `eval_text`:
+    "shakespeare", the validation plays; "news", every news article (only with Shakespeare calibration);
+    "news_heldout", the 120 news articles that never calibrate."""
+    if eval_text not in EVAL_TEXTS or calibration_text not in CALIBRATION_TEXTS:
+        raise ValueError(f"eval_text {eval_text!r} / calibration_text {calibration_text!r}: allowed {EVAL_TEXTS} / "
+                         f"{CALIBRATION_TEXTS}")
+    if calibration_text == "news" and eval_text == "news":
+        raise ValueError("eval_text 'news' holds the calibration articles too: with news calibration use 'news_heldout'")
     from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, resolve_parent
 
     ensure_shakespeare(corpus_dir)
@@ -72,19 +87,24 @@ def load_parent_and_blocks(parent: str, calibration: str, held_out: str, corpus_
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(corpus_dir, "tokenizer-4096"))
-    with open(os.path.join(corpus_dir, "train.txt"), encoding="utf-8") as fh:
-        train = fh.read()
+    if calibration_text == "news":
+        train = news_split()[0]
+    else:
+        with open(os.path.join(corpus_dir, "train.txt"), encoding="utf-8") as fh:
+            train = fh.read()
     if eval_text == "news":
         from training.corpus import fetch_news_text
 
-        validation_path = fetch_news_text()
+        validation = fetch_news_text().read_text(encoding="utf-8")
+    elif eval_text == "news_heldout":
+        validation = news_split()[1]
     else:
-        validation_path = os.path.join(corpus_dir, "validation.txt")
-    with open(validation_path, encoding="utf-8") as fh:
-        validation = fh.read()
+        with open(os.path.join(corpus_dir, "validation.txt"), encoding="utf-8") as fh:
+            validation = fh.read()
     calib = text_blocks(tokenizer, train[: 2_000_000], calibration)
     evals = text_blocks(tokenizer, validation, held_out)
-    info = {"name": parent, "non_embedding_parameters": None, "eval_text": eval_text}
+    info = {"name": parent, "non_embedding_parameters": None, "eval_text": eval_text,
+            "calibration_text": calibration_text}
     return model, calib, evals, info
 
 

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from modeling_llamaflex import LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import smallest_budget
-from modeling_llamaflex.configuration_llamaflex import default_choices
+from modeling_llamaflex.configuration_llamaflex import LlamaFlexConfig, default_choices
 
-from bench.common import CHOICES_HELP, EVAL_TEXTS, load_parent_and_blocks, parse_choices
+from bench.common import CALIBRATION_TEXTS, CHOICES_HELP, EVAL_TEXTS, load_parent_and_blocks, parse_choices
 
 
 OLD_IMPORTANCE = {"hidden": "activation", "heads": "activation", "mlp": "activation", "depth": "block_influence"}
@@ -71,7 +71,10 @@ def main(argv=None) -> dict:
     p.add_argument("--score", default="8x256", help="the last N calibration blocks score the candidates (N of NxT)")
     p.add_argument("--eval", default="16x256", help="held-out blocks NxT (validation text)")
     p.add_argument("--eval_text", default="shakespeare", choices=EVAL_TEXTS,
-                   help="held-out text: the validation plays, or modern news prose (the Lee corpus, from PyPI's gensim)")
+                   help="held-out text: the validation plays; modern news prose (the Lee corpus, from PyPI's gensim), "
+                        "all of it or the 120 articles that news calibration never sees (news_heldout)")
+    p.add_argument("--calibration_text", default="shakespeare", choices=CALIBRATION_TEXTS,
+                   help="calibration (and scoring) text: the training plays, or the first 180 news articles")
     p.add_argument("--importance", default=None, help="scorer name or JSON {axis: name} (default: the library's)")
     p.add_argument("--grid", type=int, default=20, help="budgets from the smallest reachable to 1")
     p.add_argument("--top_k", type=int, default=8)
@@ -80,7 +83,7 @@ def main(argv=None) -> dict:
     p.add_argument("--keep", action="store_true",
                    help="keep the families already in --out that this run does not measure (e.g. the size rule)")
     p.add_argument("--label", default="quality", help="the name of the quality family in the results")
-    p.add_argument("--skip_size_rule", action="store_true", help="do not measure the size rule (use with --keep)")
+    p.add_argument("--skip_size_rule", action="store_true", help="do not measure the size rule (its grid is kept)")
     p.add_argument("--with_norm_gains", action="store_true",
                    help="also the quality family converted with norm_correction=True (RMSNorm gains per hidden width)")
     p.add_argument("--out", required=True)
@@ -88,7 +91,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     start = time.time()
     parent, calib, held_out, info = load_parent_and_blocks(args.parent, args.calibration, args.eval,
-                                                          eval_text=args.eval_text)
+                                                          eval_text=args.eval_text,
+                                                          calibration_text=args.calibration_text)
     score = calib[-int(args.score.split("x")[0]):] if args.score else calib  # the last N calibration blocks
     parent_losses = block_losses(parent, held_out, args.batch_size)
     importance = json.loads(args.importance) if args.importance and args.importance.startswith("{") else args.importance
@@ -113,8 +117,11 @@ def main(argv=None) -> dict:
         with open(args.out) as fh:
             kept = json.load(fh)
         grid = grid or kept["grid"]
-    if grid is None:
-        raise SystemExit("--skip_size_rule needs --keep and an --out file that holds the grid")
+    if grid is None:  # the size rule's grid, from its config alone
+        first = default_choices(parent.config, steps=8)
+        config = LlamaFlexConfig.from_llama_config(parent.config, mlp_choices=first["mlp_choices"],
+                                                   depth_choices=first["depth_choices"])
+        grid = torch.linspace(smallest_budget(config), 1.0, args.grid).tolist()
     result["grid"] = grid
     variants = [(args.label, False)] + ([(args.label + " + norm gains", True)] if args.with_norm_gains else [])
     for name, norm_correction in variants:
