@@ -1,7 +1,7 @@
 """Quality of the family: one elastic LlamaFlex run against compressing every size separately, at equal tokens.
 
     python bench/quality.py --parent runs/toy-parent --out runs/bench-quality/toy \
-        --json bench/results/quality_toy.json --plot bench/quality.png       # T = 983,040 (480 steps x 8 x 256)
+        --json bench/results/quality_toy.json --plot bench/quality_toy.png   # T = 983,040 (480 steps x 8 x 256)
     python bench/quality.py --parent runs/toy-parent --steps 8 --eval_blocks 8 --variants exported \
         --out runs/bench-quality/smoke --plot ''                              # smoke run
 
@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
     p.add_argument("--choices", default="", help=CHOICES_HELP)
     p.add_argument("--out", default="runs/bench-quality")
     p.add_argument("--json", default="")
-    p.add_argument("--plot", default="bench/quality.png")
+    p.add_argument("--plot", default="bench/quality_toy.png")
     args = p.parse_args(argv)
     for name in args.variants:
         variant(name)
