@@ -64,6 +64,14 @@ def family(flex, grid, held_out, parent_losses, batch_size) -> list[dict]:
     return rows
 
 
+def size_rule_grid(parent_config, points: int) -> list[float]:
+    """`points` budgets from the smallest the first release's choices reach (MLP and depth in eighths) to 1."""
+    first = default_choices(parent_config, steps=8)
+    config = LlamaFlexConfig.from_llama_config(parent_config, mlp_choices=first["mlp_choices"],
+                                               depth_choices=first["depth_choices"])
+    return torch.linspace(smallest_budget(config), 1.0, points).tolist()
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parent", default="smollm2-135m")
@@ -107,7 +115,7 @@ def main(argv=None) -> dict:
         old = LlamaFlexForCausalLM.from_llama(parent, calib, importance=OLD_IMPORTANCE, top_k=0, progress=False,
                                               mlp_choices=first["mlp_choices"], depth_choices=first["depth_choices"],
                                               norm_correction=False)
-        grid = torch.linspace(smallest_budget(old.config), 1.0, args.grid).tolist()
+        grid = size_rule_grid(parent.config, args.grid)
         print("size rule (activation importance, largest within tolerance):")
         result["families"]["size rule"] = {"convert_seconds": round(time.time() - t0, 1),
                                            "rows": family(old, grid, held_out, parent_losses, args.batch_size)}
@@ -117,11 +125,8 @@ def main(argv=None) -> dict:
         with open(args.out) as fh:
             kept = json.load(fh)
         grid = grid or kept["grid"]
-    if grid is None:  # the size rule's grid, from its config alone
-        first = default_choices(parent.config, steps=8)
-        config = LlamaFlexConfig.from_llama_config(parent.config, mlp_choices=first["mlp_choices"],
-                                                   depth_choices=first["depth_choices"])
-        grid = torch.linspace(smallest_budget(config), 1.0, args.grid).tolist()
+    if grid is None:
+        grid = size_rule_grid(parent.config, args.grid)
     result["grid"] = grid
     variants = [(args.label, False)] + ([(args.label + " + norm gains", True)] if args.with_norm_gains else [])
     for name, norm_correction in variants:

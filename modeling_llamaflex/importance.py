@@ -331,10 +331,11 @@ def greedy_layer_drop_scores(model, data, drops: int, batch_size: int = 8, progr
     dropped: list[int] = []
     for _ in tqdm(range(drops), desc="greedy layer drop", disable=not progress or not drops):
         remaining = sorted((l for l in last if l not in dropped), key=lambda l: last[l])
-        fresh = remaining[: candidates or None] if dropped else remaining  # step 1: every single drop is fresh
-        for l in fresh if dropped else []:
-            last[l] = kl.measure(dropped + [l])
-        dropped.append(min(fresh, key=lambda l: last[l]))
+        if dropped:  # (the first step takes the single-drop KLs just measured)
+            remaining = remaining[: candidates or None]
+            for l in remaining:
+                last[l] = kl.measure(dropped + [l])
+        dropped.append(min(remaining, key=lambda l: last[l]))
     scores = torch.empty(layers, dtype=torch.float64)
     scores[dropped] = torch.arange(len(dropped), dtype=torch.float64)
     rest = sorted((l for l in range(layers) if l not in dropped), key=lambda l: last[l])
