@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import torch.nn.functional as F
 
-from modeling_llamaflex import LlamaFlexForCausalLM
+from modeling_llamaflex import Compensation, LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import smallest_budget
 from modeling_llamaflex.configuration_llamaflex import LlamaFlexConfig, default_choices
 
@@ -49,11 +49,14 @@ def block_losses(model, blocks: torch.Tensor, batch_size: int = 4, **forward) ->
     return torch.cat(out)
 
 
-def family(flex, grid, held_out, parent_losses, batch_size) -> list[dict]:
+def family(flex, grid, held_out, parent_losses, batch_size, compensation=None) -> list[dict]:
     rows = []
     for budget in grid:
         arch = flex.architecture(budget)
-        losses = block_losses(flex, held_out, batch_size, architecture=arch)
+        if compensation is None:
+            losses = block_losses(flex, held_out, batch_size, architecture=arch)
+        else:  # the extracted plain Llama, o_proj and down_proj refitted (modeling_llamaflex.compensation)
+            losses = block_losses(flex.extract(arch, compensation=compensation), held_out, batch_size)
         diff = losses - parent_losses
         rows.append({"budget": budget, "hidden": arch.hidden, "heads": arch.heads, "mlp": arch.mlp, "depth": arch.depth,
                      "fraction": arch.num_parameters / flex.config.parent_parameters(), "note": arch.note,
@@ -94,6 +97,9 @@ def main(argv=None) -> dict:
     p.add_argument("--skip_size_rule", action="store_true", help="do not measure the size rule (its grid is kept)")
     p.add_argument("--with_norm_gains", action="store_true",
                    help="also the quality family converted with norm_correction=True (RMSNorm gains per hidden width)")
+    p.add_argument("--compensation_ridge", type=float, nargs="*", default=[],
+                   help="also each quality family extracted with least-squares compensation on the calibration "
+                        "blocks (modeling_llamaflex.Compensation), one family per ridge λ given")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -138,6 +144,16 @@ def main(argv=None) -> dict:
         print(f"{name} (importance {importance or 'default'}, top {args.top_k}, {seconds}s to convert):")
         result["families"][name] = {"convert_seconds": seconds, "scored": len(new.config.architecture_scores["scored"]),
                                     "rows": family(new, grid, held_out, parent_losses, args.batch_size)}
+        if args.compensation_ridge:
+            t0 = time.time()
+            compensation = Compensation.from_data(new, calib, args.batch_size, progress=False)
+            seconds = round(time.time() - t0, 1)
+        for ridge in args.compensation_ridge:
+            compensation.ridge = ridge
+            print(f"{name} + compensation (ridge {ridge:g}; statistics {seconds}s):")
+            result["families"][f"{name} + compensation λ={ridge:g}"] = {
+                "convert_seconds": seconds, "ridge": ridge,
+                "rows": family(new, grid, held_out, parent_losses, args.batch_size, compensation)}
         del new
     for name, fam in kept.get("families", {}).items():
         if name not in result["families"]:

@@ -7,6 +7,7 @@ without remote code too.
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .architecture import Architecture, budget_loss, count_parameters, expected_parameters
+from .compensation import Compensation
 from .configuration_llamaflex import LlamaFlexConfig, default_choices, parse_budget
 from .elastic import Policy
 from .modeling_llamaflex import LlamaFlexForCausalLM, LlamaFlexModel, LlamaFlexPreTrainedModel
@@ -17,6 +18,7 @@ AutoModelForCausalLM.register(LlamaFlexConfig, LlamaFlexForCausalLM, exist_ok=Tr
 
 __all__ = [
     "Architecture",
+    "Compensation",
     "LlamaFlexConfig",
     "LlamaFlexForCausalLM",
     "LlamaFlexModel",

@@ -284,11 +284,13 @@ class LlamaFlexForCausalLM(LlamaFlexPreTrainedModel, GenerationMixin, ElasticPar
 
         return from_llama(cls, llama, calibration_data, **elastic)
 
-    def extract(self, budget: float | str | Architecture):
-        """The sub-model of `budget` as a plain `transformers.LlamaForCausalLM`, modulation folded in."""
+    def extract(self, budget: float | str | Architecture, compensation=None):
+        """The sub-model of `budget` as a plain `transformers.LlamaForCausalLM`, modulation folded in; with a
+        `compensation.Compensation` (`Compensation.from_data(model, calibration)`), its o_proj and down_proj
+        refitted by least squares to the full model's outputs (better one-shot sub-models; docs/design.md)."""
         from .slicing import extract
 
-        return extract(self, budget)
+        return extract(self, budget, compensation)
 
     def generate(self, *args, budget: float | str | None = None, architecture: Architecture | None = None, **kwargs):
         """`GenerationMixin.generate` at a budget: the routers choose the architecture once per call, and every

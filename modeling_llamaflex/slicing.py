@@ -144,16 +144,36 @@ def fold_gains(modulation: PolicyModulation | None, config: LlamaFlexConfig, arc
         return fp32.for_indices(arch.indices)
 
 
+def compensate(config: LlamaFlexConfig, arch: Architecture, tensors: dict[str, torch.Tensor],
+               state: dict[str, torch.Tensor], gains: torch.Tensor | None, compensation) -> None:
+    """Replace, in the sub-model's `tensors`, every kept layer's down_proj and o_proj by the least-squares
+    refit of `compensation` (a `compensation.Compensation`), from the full-width weights in `state`."""
+    from .compensation import kept_inputs
+
+    kept = kept_inputs(config, arch)
+    for new, layer in enumerate(arch.kept_layers):
+        for kind, name, which in (("mlp", "mlp.down_proj.weight", 1), ("heads", "self_attn.o_proj.weight", 0)):
+            full = state[f"model.layers.{layer}.{name}"][: arch.hidden]
+            if gains is not None:
+                full = (full.float() * gains[which, layer].float()).to(full.dtype)
+            tensors[f"model.layers.{new}.{name}"] = compensation.refit(full, layer, kind, kept[kind])
+
+
 @torch.no_grad()
-def extract(flex, budget) -> LlamaForCausalLM:
+def extract(flex, budget, compensation=None) -> LlamaForCausalLM:
     """A plain `LlamaForCausalLM` holding the sub-model of `budget` (or of an `Architecture`).
 
     With a PEFT adapter on `flex` (`peft_model.extract(b)`), the active LoRA adapters are merged into the
     sub-model's weights (the model itself is left as it is): the result gives the adapted model's logits.
+    With a `compensation.Compensation`, the sub-model's o_proj and down_proj are refitted by least squares to
+    the full width's outputs on its calibration tokens (a one-shot sub-model's quality; not nested).
     """
     arch = budget if isinstance(budget, Architecture) else flex.architecture(budget)
     state = merged_state_dict(flex) if has_peft_layers(flex) else flex.state_dict()
-    tensors = sub_model_tensors(flex.config, arch, memory_reader(state), fold_gains(flex.model.modulation, flex.config, arch))
+    gains = fold_gains(flex.model.modulation, flex.config, arch)
+    tensors = sub_model_tensors(flex.config, arch, memory_reader(state), gains)
+    if compensation is not None:
+        compensate(flex.config, arch, tensors, state, gains, compensation)
     llama_config = flex.config.to_llama_config(**sub_model_sizes(arch))
     llama_config.dtype = flex.dtype
     with no_init_weights():

@@ -1,0 +1,103 @@
+"""Least-squares compensation of an extracted sub-model (docs/design.md, "Compensation"; bench/QUALITY.md).
+
+Nested widths share their weights, so the checkpoint cannot refit the kept columns of o_proj and down_proj for
+every width: the full model would change. A sub-model extracted on its own can have them refitted, as
+non-nested one-shot pruners do. For every kept layer, the columns of down_proj that read the kept MLP neurons
+(and of o_proj that read the kept query heads) are refitted so that the layer's output on calibration tokens
+stays as close as possible to the full width's:
+
+    W' = W · C[:, K] · (C[K, K] + λ·mean(diag C[K, K])·I)⁻¹
+
+with C the mean of a·aᵀ over tokens at the projection's input, measured once on the full model, and K the kept
+units. A neuron's (a head's) activation does not depend on the others', so for a cut of the MLP (the heads)
+alone this is the least-squares optimum on the calibration tokens; with the residual stream or the depth cut
+too, the inputs are the full model's and the fit is an approximation. The sub-model stays a plain Llama of the
+same shapes; only its weights change. Costs: one forward of the full model over the calibration data, and the
+covariances (layers · (intermediate² + (heads · head_dim)²) fp32 values: 0.3 GB on SmolLM2-135M, 28 GB on Llama
+3.1 8B) on the model's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .importance import device_batches
+from .lora import has_peft_layers
+
+RIDGE = 1e-3  # λ, relative to the mean of the kept units' variances; measured in bench/QUALITY.md ("Compensation")
+
+
+@dataclass
+class Compensation:
+    """The input covariances of every layer's down_proj (`mlp`, (intermediate, intermediate)) and o_proj
+    (`heads`, (heads · head_dim)²), means over `tokens` calibration tokens of the full model."""
+
+    mlp: list[torch.Tensor]
+    heads: list[torch.Tensor]
+    tokens: int
+    ridge: float = RIDGE
+
+    @classmethod
+    @torch.no_grad()
+    def from_data(cls, flex, data, batch_size: int = 8, progress: bool = True, ridge: float = RIDGE) -> Compensation:
+        """Run the full LlamaFlex model over `data` (token ids: a tensor of blocks, or a list of sequences, as
+        for calibration) and keep the covariances."""
+        if has_peft_layers(flex):
+            raise ValueError("compensation needs the LlamaFlex model itself: merge the adapter first "
+                             "(peft_model.merge_and_unload()), then collect the compensation")
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        layers = flex.model.layers
+        sums = {"mlp": [None] * len(layers), "heads": [None] * len(layers)}
+        mask_now: dict[str, torch.Tensor] = {}
+
+        def watch(kind: str, l: int):
+            def hook(module, args):
+                a = args[0].float() * mask_now["mask"][..., None].float()
+                a = a.reshape(-1, a.shape[-1])
+                sums[kind][l] = a.T @ a if sums[kind][l] is None else sums[kind][l] + a.T @ a
+            return hook
+
+        hooks = []
+        for l, layer in enumerate(layers):
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(watch("mlp", l)))
+            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(watch("heads", l)))
+        was_training, tokens = flex.training, 0
+        flex.eval()
+        try:
+            for ids, mask in device_batches(flex, data, batch_size, progress, desc="compensation statistics"):
+                mask_now["mask"] = mask
+                flex(input_ids=ids, attention_mask=mask, use_cache=False)  # the full model: no architecture
+                tokens += int(mask.sum())
+        finally:
+            for hook in hooks:
+                hook.remove()
+            flex.train(was_training)
+        if tokens == 0:
+            raise ValueError("compensation data holds no tokens")
+        return cls([s / tokens for s in sums["mlp"]], [s / tokens for s in sums["heads"]], tokens, ridge)
+
+    def refit(self, weight: torch.Tensor, layer: int, kind: str, kept: torch.Tensor) -> torch.Tensor:
+        """(rows, len(kept)): the least-squares columns for the kept inputs `kept` of `weight` (rows, all
+        inputs), the projection of `kind` ("mlp": down_proj, "heads": o_proj) in parent layer `layer`."""
+        covariance = getattr(self, kind)[layer].to(weight.device, torch.float64)
+        kept = kept.to(weight.device)
+        if len(kept) == covariance.shape[0]:
+            return weight
+        c_kk = covariance[kept][:, kept]
+        c_kk = c_kk + self.ridge * torch.diagonal(c_kk).mean() * torch.eye(len(kept), dtype=c_kk.dtype, device=c_kk.device)
+        target = weight.double() @ covariance[:, kept]  # (rows, kept): what the full width's output correlates with
+        return torch.linalg.solve(c_kk, target.T).T.to(weight.dtype)
+
+
+def kept_inputs(config, arch) -> dict[str, torch.Tensor]:
+    """The input indices of down_proj ("mlp") and o_proj ("heads") that the sub-model `arch` keeps."""
+    n_kv, d = config.num_key_value_heads, config.head_dim
+    block, kept = (config.num_attention_heads // n_kv) * d, (arch.heads // n_kv) * d
+    heads = torch.cat([torch.arange(g * block, g * block + kept) for g in range(n_kv)])
+    return {"mlp": torch.arange(arch.mlp), "heads": heads}
+
+
+__all__ = ["RIDGE", "Compensation", "kept_inputs"]
