@@ -4,6 +4,7 @@
     python -m modeling_llamaflex convert --parent model.gguf --out FLEX_DIR     # or --parent smollm2-135m
     python -m modeling_llamaflex architecture --model FLEX_DIR --budget 0.5 0.75
     python -m modeling_llamaflex extract --model FLEX_DIR --budget 0.5 --out SUB_DIR
+    python -m modeling_llamaflex extract --model FLEX_DIR --budget 0.5 --out SUB_DIR --compensate_on text.txt
     python -m modeling_llamaflex parent smollm2-135m --out PARENT_DIR        # a built-in parent as a plain folder
 """
 
@@ -18,6 +19,7 @@ import sys
 import torch
 
 from . import LlamaFlexForCausalLM
+from .compensation import RIDGE
 from .parents import ParentFetchError
 
 logger = logging.getLogger("modeling_llamaflex")
@@ -117,9 +119,21 @@ def cmd_extract(args) -> None:
         except (ValueError, TypeError) as err:
             raise type(err)(f"{err} (nothing was written: every --budget is checked first)") from None
         outs[budget] = out
+    compensation = None
+    if args.compensate_on:
+        from . import Compensation
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError):
+            raise ValueError(f"--compensate_on needs the tokenizer saved with {args.model}; there is none") from None
+        blocks = calibration_blocks(tokenizer, args.compensate_on, args.num_samples, args.seq_len)
+        print(f"compensation: least-squares refit of o_proj and down_proj on {blocks.shape[0]} sequences of "
+              f"{blocks.shape[1]} tokens (ridge {args.ridge:g})")
+        compensation = Compensation.from_data(flex, blocks, batch_size=args.batch_size, ridge=args.ridge)
     for budget, out in outs.items():
         _print_architecture(flex, budget)
-        sub = flex.extract(budget)
+        sub = flex.extract(budget, compensation=compensation)
         sub.save_pretrained(out)
         try:
             AutoTokenizer.from_pretrained(args.model).save_pretrained(out)
@@ -168,6 +182,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m modeling_llamafle
     p.add_argument("--budget", nargs="+", required=True, help="fractions in (0, 1] or sizes such as 3B")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per budget when several)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    p.add_argument("--compensate_on", nargs="+", metavar="TEXT_FILE",
+                   help="refit each sub-model's o_proj and down_proj by least squares to the full model's outputs on "
+                        "this text (better one-shot sub-models; the sub-model's weights are no longer a slice)")
+    p.add_argument("--num_samples", type=int, default=64, help="compensation sequences")
+    p.add_argument("--seq_len", type=int, default=256, help="tokens per compensation sequence")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--ridge", type=float, default=RIDGE, help="ridge λ, relative to the kept inputs' mean variance")
     p.set_defaults(func=cmd_extract)
 
     args = parser.parse_args(argv)

@@ -65,3 +65,32 @@ def test_cli_refuses_a_plain_llama_and_an_existing_output(tmp_path, capsys):
         main(["extract", "--model", str(tmp_path / "flex"), "--budget", "0.8", "--out", str(tmp_path / "sub")])
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "sub" / "model.safetensors").read_bytes() == before
+
+
+def test_extract_with_compensation(tmp_path, capsys):
+    """`extract --compensate_on TEXT` saves the sub-model that `flex.extract(b, compensation=...)` gives on the
+    same blocks of that text, which differs from the plain slice; without a tokenizer it says what is missing."""
+    from conftest import make_checkpoint
+
+    from modeling_llamaflex import Compensation
+    from modeling_llamaflex.__main__ import calibration_blocks
+    from transformers import AutoTokenizer
+
+    model_dir, _, text = make_checkpoint(tmp_path)
+    main(["extract", "--model", str(model_dir), "--budget", "0.5", "--out", str(tmp_path / "sub"),
+          "--compensate_on", str(text), "--num_samples", "8", "--seq_len", "32"])
+    assert "compensation: least-squares refit" in capsys.readouterr().out
+    flex = LlamaFlexForCausalLM.from_pretrained(model_dir)
+    blocks = calibration_blocks(AutoTokenizer.from_pretrained(model_dir), [str(text)], 8, 32)
+    expected = flex.extract(0.5, compensation=Compensation.from_data(flex, blocks, progress=False))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "sub")
+    ids = blocks[:2]
+    torch.testing.assert_close(saved(ids).logits, expected(ids).logits, atol=ATOL, rtol=0)
+    assert not torch.allclose(saved(ids).logits, flex(ids, budget=0.5).logits, atol=1e-3)
+
+    flex.save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(SystemExit):
+        main(["extract", "--model", str(tmp_path / "no-tokenizer"), "--budget", "0.5", "--out", str(tmp_path / "x"),
+              "--compensate_on", str(text)])
+    assert "needs the tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "config.json").exists()
