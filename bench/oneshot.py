@@ -56,6 +56,7 @@ def family(flex, grid, held_out, parent_losses, batch_size, compensation=None) -
         if compensation is None:
             losses = block_losses(flex, held_out, batch_size, architecture=arch)
         else:  # the extracted plain Llama, o_proj and down_proj refitted (modeling_llamaflex.compensation)
+            arch = compensation.architecture(flex, budget)
             losses = block_losses(flex.extract(arch, compensation=compensation), held_out, batch_size)
         diff = losses - parent_losses
         rows.append({"budget": budget, "hidden": arch.hidden, "heads": arch.heads, "mlp": arch.mlp, "depth": arch.depth,
@@ -100,6 +101,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compensation_ridge", type=float, nargs="*", default=[],
                    help="also each quality family extracted with least-squares compensation on the calibration "
                         "blocks (modeling_llamaflex.Compensation), one family per ridge λ given")
+    p.add_argument("--compensation_same_architectures", action="store_true",
+                   help="compensate the quality family's own architectures instead of ranking the candidates by "
+                        "their compensated KL (Compensation.score, the default)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -149,10 +153,15 @@ def main(argv=None) -> dict:
             compensation = Compensation.from_data(new, calib, args.batch_size, progress=False)
             seconds = round(time.time() - t0, 1)
         for ridge in args.compensation_ridge:
-            compensation.ridge = ridge
-            print(f"{name} + compensation (ridge {ridge:g}; statistics {seconds}s):")
-            result["families"][f"{name} + compensation λ={ridge:g}"] = {
-                "convert_seconds": seconds, "ridge": ridge,
+            compensation.ridge, compensation.scores = ridge, None
+            t1 = time.time()
+            if not args.compensation_same_architectures:  # rank the candidates by their compensated KL
+                compensation.score(new, score, budgets=[b for b in grid if b < 1], top_k=args.top_k,
+                                   batch_size=args.batch_size, progress=False)
+            label = f"{name} + compensation λ={ridge:g}" + (", same architectures" if args.compensation_same_architectures else "")
+            print(f"{label} (statistics {seconds}s, compensated search {time.time() - t1:.0f}s):")
+            result["families"][label] = {
+                "convert_seconds": seconds, "search_seconds": round(time.time() - t1, 1), "ridge": ridge,
                 "rows": family(new, grid, held_out, parent_losses, args.batch_size, compensation)}
         del new
     for name, fam in kept.get("families", {}).items():

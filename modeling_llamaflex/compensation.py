@@ -19,14 +19,17 @@ covariances (layers · (intermediate² + (heads · head_dim)²) fp32 values: 0.3
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
+from .architecture import Architecture, make_architecture, search_architecture
 from .importance import device_batches
 from .lora import has_peft_layers
 
-RIDGE = 1e-3  # λ, relative to the mean of the kept units' variances; measured in bench/QUALITY.md ("Compensation")
+RIDGE = 1e-4  # λ, relative to the mean of the kept units' variances; measured in bench/QUALITY.md ("Compensation")
 
 
 @dataclass
@@ -38,6 +41,8 @@ class Compensation:
     heads: list[torch.Tensor]
     tokens: int
     ridge: float = RIDGE
+    scores: dict | None = None  # the compensated candidates' KL to the parent (`score`), in search's layout
+    _cache: dict | None = field(default=None, repr=False)  # while scoring: (layer, kind) -> (kept, refitted weight)
 
     @classmethod
     @torch.no_grad()
@@ -79,6 +84,60 @@ class Compensation:
             raise ValueError("compensation data holds no tokens")
         return cls([s / tokens for s in sums["mlp"]], [s / tokens for s in sums["heads"]], tokens, ridge)
 
+    def score(self, flex, data, budgets: list[float] | None = None, top_k: int = 8, batch_size: int = 8,
+              progress: bool = True) -> dict:
+        """Rank the architectures of `budgets` by the measured KL of their *compensated* sub-models, as conversion
+        does for the plain slices (`search.score_architectures`), and keep the scores here: `architecture(b)`
+        then picks the best compensated sub-model (compensation makes MLP cuts cheaper relative to depth and
+        width cuts, so the best architecture can differ). The model's own scores are left as they are."""
+        from .search import score_architectures
+
+        saved = flex.config.architecture_scores
+        self._cache = {}  # the weights do not change while scoring, and candidates come sorted by their widths
+        try:
+            self.scores = score_architectures(flex, data, budgets, top_k, batch_size, progress, compensation=self)
+        finally:
+            flex.config.architecture_scores = saved
+            self._cache = None
+        return self.scores
+
+    def architecture(self, flex, budget: float | str) -> Architecture:
+        """The sub-model `extract(b, compensation=self)` cuts: the best compensated candidate when `score` was
+        run, else `flex.architecture(b)`."""
+        base = flex.architecture(budget)
+        if self.scores is None or base.budget is None or base.budget >= 1:
+            return base
+        saved, flex.config.architecture_scores = flex.config.architecture_scores, self.scores
+        try:
+            indices, note = search_architecture(flex.config, base.budget)
+        finally:
+            flex.config.architecture_scores = saved
+        return make_architecture(flex.config, indices, budget=base.budget, target_parameters=base.target_parameters,
+                                 note=f"compensated one-shot: {note}")
+
+    @contextmanager
+    def applied(self, flex, arch: Architecture) -> Iterator[None]:
+        """Within the block, `flex`'s o_proj and down_proj hold `arch`'s compensated columns where `arch` reads
+        them, so that the sliced forward at `arch` is the compensated sub-model; the weights are restored after."""
+        kept = kept_inputs(flex.config, arch)
+        saved = []
+        try:
+            with torch.no_grad():
+                for layer in arch.kept_layers:
+                    block = flex.model.layers[layer]
+                    for kind, module in (("mlp", block.mlp.down_proj), ("heads", block.self_attn.o_proj)):
+                        refitted = self.refit(module.weight, layer, kind, kept[kind])
+                        if refitted is module.weight:  # nothing cut on this input
+                            continue
+                        cols = kept[kind].to(module.weight.device)
+                        saved.append((module.weight, cols, module.weight[: arch.hidden, cols].clone(), arch.hidden))
+                        module.weight[: arch.hidden, cols] = refitted[: arch.hidden]
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, cols, old, rows in reversed(saved):
+                    weight[:rows, cols] = old
+
     def refit(self, weight: torch.Tensor, layer: int, kind: str, kept: torch.Tensor) -> torch.Tensor:
         """(rows, len(kept)): the least-squares columns for the kept inputs `kept` of `weight` (rows, all
         inputs), the projection of `kind` ("mlp": down_proj, "heads": o_proj) in parent layer `layer`."""
@@ -86,10 +145,16 @@ class Compensation:
         kept = kept.to(weight.device)
         if len(kept) == covariance.shape[0]:
             return weight
+        cached = None if self._cache is None else self._cache.get((layer, kind))
+        if cached is not None and torch.equal(cached[0], kept):
+            return cached[1]
         c_kk = covariance[kept][:, kept]
         c_kk = c_kk + self.ridge * torch.diagonal(c_kk).mean() * torch.eye(len(kept), dtype=c_kk.dtype, device=c_kk.device)
         target = weight.double() @ covariance[:, kept]  # (rows, kept): what the full width's output correlates with
-        return torch.linalg.solve(c_kk, target.T).T.to(weight.dtype)
+        refitted = torch.linalg.solve(c_kk, target.T).T.to(weight.dtype)
+        if self._cache is not None:
+            self._cache[(layer, kind)] = (kept, refitted)
+        return refitted
 
 
 def kept_inputs(config, arch) -> dict[str, torch.Tensor]:

@@ -55,7 +55,7 @@ def default_score_budgets(config) -> list[float]:
 
 
 def score_architectures(flex, data, budgets: list[float] | None = None, top_k: int = 8, batch_size: int = 8,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, compensation=None) -> dict:
     """Measure the candidates of `budgets` on `data` (token ids, as for calibration); returns the scores.
 
     The score is the distillation loss to the parent, KL(parent ‖ sub-model) in nats per token: 0 for a cut
@@ -66,6 +66,7 @@ def score_architectures(flex, data, budgets: list[float] | None = None, top_k: i
        measured (each combination once, whatever the number of budgets it serves).
     The result is JSON-serialisable: {"metric", "tokens", "parent" (0: the parent's own KL), "axis_costs",
     "scored" ({"h,q,f,d" choice indices: KL}), "budgets", "top_k"}.
+    With a `compensation.Compensation`, every sub-model is scored compensated (`Compensation.score`).
     """
     config = flex.config
     batches = list(calibration_batches(data, batch_size))
@@ -80,20 +81,29 @@ def score_architectures(flex, data, budgets: list[float] | None = None, top_k: i
     bar.update()
     costs = {a: [0.0] * len(config.choices[a]) for a in AXES}
     scored: dict[str, float] = {index_key(full): 0.0}
+
+    def measure(idx: dict[str, int]) -> float:
+        if compensation is None:
+            return _kl_to_parent(flex, batches, reference, idx)
+        with compensation.applied(flex, make_architecture(config, idx)):
+            return _kl_to_parent(flex, batches, reference, idx)
+
     for axis, i in cuts:
         idx = dict(full, **{axis: i})
-        costs[axis][i] = scored[index_key(idx)] = _kl_to_parent(flex, batches, reference, idx)
+        costs[axis][i] = scored[index_key(idx)] = measure(idx)
         bar.update()
     bar.close()
-    result = {"metric": "kl_to_parent", "tokens": tokens, "parent": 0.0, "axis_costs": costs, "scored": scored,
+    metric = "kl_to_parent" if compensation is None else "kl_to_parent (compensated)"
+    result = {"metric": metric, "tokens": tokens, "parent": 0.0, "axis_costs": costs, "scored": scored,
               "budgets": budgets, "top_k": top_k}
     config.architecture_scores = result  # predicted_loss reads it from the config
     todo = []
     for budget in budgets:
         ranked = sorted(candidates(config, budget), key=lambda ip: predicted_loss(config, ip[0]))
         todo += [idx for idx, _ in ranked[:top_k] if index_key(idx) not in scored and idx not in todo]
+    todo.sort(key=lambda idx: (idx["mlp"], idx["heads"]))  # neighbours share compensated weights
     for idx in tqdm(todo, desc="scoring candidate architectures", disable=not progress):
-        scored[index_key(idx)] = _kl_to_parent(flex, batches, reference, idx)
+        scored[index_key(idx)] = measure(idx)
     flex.train(was_training)
     return result
 

@@ -166,9 +166,13 @@ def extract(flex, budget, compensation=None) -> LlamaForCausalLM:
     With a PEFT adapter on `flex` (`peft_model.extract(b)`), the active LoRA adapters are merged into the
     sub-model's weights (the model itself is left as it is): the result gives the adapted model's logits.
     With a `compensation.Compensation`, the sub-model's o_proj and down_proj are refitted by least squares to
-    the full width's outputs on its calibration tokens (a one-shot sub-model's quality; not nested).
+    the full width's outputs on its calibration tokens (a one-shot sub-model's quality; not nested), and a
+    budget takes the best compensated architecture if the compensation was scored (`Compensation.score`).
     """
-    arch = budget if isinstance(budget, Architecture) else flex.architecture(budget)
+    if isinstance(budget, Architecture):
+        arch = budget
+    else:
+        arch = flex.architecture(budget) if compensation is None else compensation.architecture(flex, budget)
     state = merged_state_dict(flex) if has_peft_layers(flex) else flex.state_dict()
     gains = fold_gains(flex.model.modulation, flex.config, arch)
     tensors = sub_model_tensors(flex.config, arch, memory_reader(state), gains)

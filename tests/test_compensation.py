@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import ATOL, tiny_llama
 
 from modeling_llamaflex import Compensation, LlamaFlexForCausalLM
-from modeling_llamaflex.architecture import full_architecture, make_architecture
+from modeling_llamaflex.architecture import candidates, full_architecture, index_key, make_architecture
 
 
 def calibration(n: int = 16, length: int = 24) -> torch.Tensor:
@@ -95,3 +95,33 @@ def test_compensation_refuses_bad_input():
         Compensation.from_data(flex, calibration(2), progress=False, ridge=-1.0)
     with pytest.raises(ValueError, match="calibration data is empty"):
         Compensation.from_data(flex, [], progress=False)
+
+
+def test_scoring_compensated_candidates_slices_what_extract_cuts_and_restores_the_weights(input_ids):
+    """`Compensation.applied` (the sliced forward that scoring measures) gives the logits of the compensated
+    extracted plain Llama; the model's weights and its own scores are unchanged afterwards; after `score`,
+    `extract(b, compensation=...)` cuts the best compensated candidate, and its note says so."""
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), calibration(), top_k=4, budgets=[0.5, 0.75])
+    before = {k: v.clone() for k, v in flex.state_dict().items()}
+    own_scores = dict(flex.config.architecture_scores["scored"])
+    compensation = Compensation.from_data(flex, calibration(), batch_size=4, progress=False)
+    arch = flex.architecture(0.5)
+    with torch.no_grad(), compensation.applied(flex, arch):
+        sliced = flex(input_ids, architecture=arch).logits
+    torch.testing.assert_close(sliced, flex.extract(arch, compensation=compensation)(input_ids).logits, atol=ATOL, rtol=0)
+    assert not torch.allclose(sliced, flex(input_ids, architecture=arch).logits, atol=1e-3)
+    for name, value in flex.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+    scores = compensation.score(flex, calibration()[-4:], budgets=[0.5, 0.75], top_k=4, progress=False)
+    assert scores["metric"] == "kl_to_parent (compensated)"
+    assert flex.config.architecture_scores["scored"] == own_scores
+    for name, value in flex.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for budget in (0.5, 0.75):
+        chosen = compensation.architecture(flex, budget)
+        assert chosen.note.startswith("compensated one-shot")
+        within = [index_key(idx) for idx, _ in candidates(flex.config, budget)]
+        best = min(scores["scored"][key] for key in within if key in scores["scored"])
+        assert scores["scored"][index_key(chosen.indices)] <= best + 1e-12
+        assert flex.extract(budget, compensation=compensation).config.intermediate_size == chosen.mlp
