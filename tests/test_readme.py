@@ -73,7 +73,9 @@ HOW: list[tuple[str, How]] = [  # (regular expression matched against the whole 
     (r"^python training/run\.py training/configs/cpu\.yaml --parent path/to/llama ", How(
         append=TRAIN, makes=("runs/my-flex/config.json", "runs/my-flex/sub-models/budget-0.5/config.json"))),
     (r"^python -m modeling_llamaflex architecture ", How()),
-    (r"^python -m modeling_llamaflex extract ", How(makes=("runs/subs",))),
+    (r"^python -m modeling_llamaflex extract .*--compensate_on ", How(append="--num_samples 4 --seq_len 32",
+                                                                       makes=("runs/half/config.json",))),
+    (r"^python -m modeling_llamaflex extract --model runs/my-flex ", How(makes=("runs/subs",))),
     (r"^python training/run\.py training/configs/cpu\.yaml$", How(append=TRAIN, makes=("runs/flex/config.json",))),
     (r"^deepspeed --num_gpus 2 training/run\.py training/configs/cpu\.yaml --deepspeed ", How(
         append=TRAIN + " --per_device_train_batch_size 1", check=trained_under_zero3)),
