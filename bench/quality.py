@@ -122,11 +122,14 @@ def line_check(res: dict, budgets: list[float], x: str = "budget") -> list[dict]
     return out
 
 
+COMPENSATED = ("oneshot_compensated", "separate_compensated")  # opt-in baselines (--compensated)
+
+
 def tables(results: dict, meta: dict, names: list[str]) -> str:
     budgets = meta["budgets"]
     out = [f"Parent: {meta['parent_label']}, held-out loss {fmt(meta['parent_loss'], meta['parent_se'])} on "
            f"{meta['eval_blocks']} blocks x {meta['block_size']}; T = {meta['tokens_per_method']:,} tokens per trained method.\n"]
-    cols = [m for m in ("oneshot", "separate") if m in results] + names
+    cols = [m for m in ("oneshot", "separate") + COMPENSATED if m in results] + names
     out.append("| budget | " + " | ".join(f"{c}: arch" + ("" if c == "oneshot" else "") + f" | {c}: loss" for c in cols)
                + "".join(f" | {n} − separate" for n in names if "separate" in results) + " |")
     out.append("|---:|" + "---|---:|" * len(cols) + "---:|" * (len(names) if "separate" in results else 0))
@@ -140,6 +143,10 @@ def tables(results: dict, meta: dict, names: list[str]) -> str:
             cells += [diff(results[n]["rows"][k], results["separate"]["rows"][k]) for n in names]
         out.append(f"| {k} | " + " | ".join(cells) + " |")
     out.append("")
+    if "separate_compensated" in results:
+        out.append("Against separate distillation from the compensated one-shot sub-models (same architectures): "
+                   + "; ".join(f"{n}: " + ", ".join(f"{b:g}: {diff(results[n]['rows'][f'{b:g}'], results['separate_compensated']['rows'][f'{b:g}'])}"
+                                                  for b in budgets) for n in names) + ".\n")
     for n in names:
         res = results[n]
         out.append(f"### {n}: {res['variant']}\n")
@@ -203,7 +210,8 @@ def summary(results: dict, meta: dict, flex: str) -> dict:
     loss = lambda name: {k: r["loss"] for k, r in results[name]["rows"].items()} if name in results else {}
     out = {"parent": meta["parent"], "parent_loss": meta["parent_loss"], "tokens_per_method": meta["tokens_per_method"],
            "methods": {"oneshot": loss("oneshot"), "separate": loss("separate"), "flex": loss(flex),
-                       "flex_no_modulation": loss(flex + "_nomod")},
+                       "flex_no_modulation": loss(flex + "_nomod"),
+                       **{m: loss(m) for m in COMPENSATED if m in results}},
            "grid": {k: r["loss"] for k, r in results[flex]["grid"].items()} if flex in results else {},
            "router_agrees": bool(results.get(flex, {}).get("router_agrees", False)),
            "flex_variant": flex, "variant_settings": {n: results[n]["variant"] for n in results if "variant" in results[n]},
@@ -269,6 +277,9 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", nargs="+", default=["exported", "exported_nomod", "baseline", "sandwich", "exported_onehot"])
     p.add_argument("--flex", default="exported", help="the variant reported as 'flex' in --json (the default recipe)")
     p.add_argument("--skip", nargs="*", default=[], help="methods not to run: oneshot, separate, router_interpolation")
+    p.add_argument("--compensated", action="store_true",
+                   help="also the baselines with least-squares compensation (modeling_llamaflex.Compensation on the "
+                        "calibration blocks, same architectures): oneshot_compensated, separate_compensated")
     p.add_argument("--reuse", action="store_true")
     p.add_argument("--rescore", action="store_true",
                    help="after each elastic run, score the candidates again on the trained weights and measure the grid "
@@ -319,12 +330,14 @@ def main(argv=None) -> dict:
     logger.info("parent loss %.4f; T = %d; one-shot: %s", meta["parent_loss"], meta["tokens_per_method"],
                 {b: str(flex0.architecture(b)) for b in args.budgets})
     ctx = {"parent": parent, "flex0": flex0, "train": data["train"], "val_blocks": val_blocks, "grid": grid,
-           "collator": lm_data_collator(tokenizer), "score": score, "oneshot_arch": {b: flex0.architecture(b) for b in args.budgets}}
+           "collator": lm_data_collator(tokenizer), "score": score, "calibration": calibration,
+           "oneshot_arch": {b: flex0.architecture(b) for b in args.budgets}}
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("variants", "flex", "skip", "reuse", "out", "json", "plot", "threads", "rescore")
+                if k not in ("variants", "flex", "skip", "reuse", "out", "json", "plot", "threads", "rescore", "compensated")
                 and (k != "choices" or v)}  # (results made before --choices existed stay reusable)
     results = {}
-    todo = [m for m in ("oneshot", "separate", "router_interpolation") if m not in args.skip] + list(args.variants)
+    baselines = ("oneshot", "separate", "router_interpolation") + (COMPENSATED if args.compensated else ())
+    todo = [m for m in baselines if m not in args.skip] + list(args.variants)
     for name in todo:
         path = os.path.join(args.out, f"results-{name}.json")
         if args.reuse and os.path.exists(path):
@@ -336,10 +349,10 @@ def main(argv=None) -> dict:
                 continue
         logger.info("==== %s (load average %s)", name, os.getloadavg())
         start = time.perf_counter()
-        if name == "oneshot":
-            res = run_oneshot(ctx, args)
-        elif name == "separate":
-            res = run_separate(ctx, args)
+        if name in ("oneshot", "oneshot_compensated"):
+            res = run_oneshot(ctx, args, compensated=name.endswith("_compensated"))
+        elif name in ("separate", "separate_compensated"):
+            res = run_separate(ctx, args, compensated=name.endswith("_compensated"))
         elif name == "router_interpolation":
             res = router_interpolation(ctx, args)
         else:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
-from modeling_llamaflex import LlamaFlexForCausalLM
+from modeling_llamaflex import Compensation, LlamaFlexForCausalLM
 from modeling_llamaflex.architecture import Architecture, is_full, make_architecture, search_architecture
 from modeling_llamaflex.search import fit_routers, router_fit_family, score_architectures
 from training.arguments import FlexTrainingArguments
@@ -68,15 +68,16 @@ def short(arch) -> str:
     return f"{a['hidden']}/{a['heads']}/{a['mlp']}/{a['depth']}"
 
 
-def measure_sub(flex, spec, blocks, batch_size, cache: dict | None = None) -> dict:
+def measure_sub(flex, spec, blocks, batch_size, cache: dict | None = None, compensation=None) -> dict:
     """Extract `spec` (a budget or an Architecture) as a plain Llama and measure it per block (`cache`: the
-    losses already measured for these weights, by architecture, since many budgets share one)."""
+    losses already measured for these weights, by architecture, since many budgets share one; `compensation`:
+    extracted with least-squares compensation)."""
     arch = spec if isinstance(spec, Architecture) else flex.architecture(spec)
     key = tuple(sorted(arch.indices.items()))
     if cache is not None and key in cache:
         losses = cache[key]
     else:
-        losses = block_losses(flex.extract(arch), blocks, batch_size)
+        losses = block_losses(flex.extract(arch, compensation=compensation), blocks, batch_size)
         if cache is not None:
             cache[key] = losses
     return {**arch_row(arch, flex.config.parent_parameters()), "loss": mean(losses), "se": se(losses), "blocks": losses}
@@ -110,21 +111,34 @@ def training_kwargs(args, output_dir: str, steps: int, accumulation: int = 1) ->
                 disable_tqdm=True, use_cpu=True)
 
 
-def run_oneshot(ctx, args) -> dict:
-    flex0 = ctx["flex0"]
-    return {"rows": {f"{b:g}": measure_sub(flex0, b, ctx["val_blocks"], args.eval_batch_size) for b in args.budgets}}
+def compensation(ctx):
+    """The least-squares compensation of the converted model on the calibration blocks (computed once)."""
+    if "compensation" not in ctx:
+        ctx["compensation"] = Compensation.from_data(ctx["flex0"], ctx["calibration"], progress=False)
+    return ctx["compensation"]
 
 
-def run_separate(ctx, args) -> dict:
-    """Each trained budget's one-shot sub-model distilled from the frozen parent on T/N tokens."""
+def run_oneshot(ctx, args, compensated: bool = False) -> dict:
+    """The one-shot sub-models of the trained budgets; `compensated`: the same architectures, extracted with
+    least-squares compensation on the calibration blocks (modeling_llamaflex.Compensation)."""
+    flex0, comp = ctx["flex0"], compensation(ctx) if compensated else None
+    return {"rows": {f"{b:g}": measure_sub(flex0, ctx["oneshot_arch"][b], ctx["val_blocks"], args.eval_batch_size,
+                                           compensation=comp) for b in args.budgets}}
+
+
+def run_separate(ctx, args, compensated: bool = False) -> dict:
+    """Each trained budget's one-shot sub-model distilled from the frozen parent on T/N tokens (`compensated`:
+    starting from the compensated one-shot sub-model, the baseline a user who compensates would train)."""
     flex0, n = ctx["flex0"], len(args.budgets)
+    comp = compensation(ctx) if compensated else None
     steps = max(1, round(args.steps / n))
     rows, wall = {}, {}
     for b in args.budgets:
         arch = ctx["oneshot_arch"][b]
-        student = flex0.extract(arch).train().requires_grad_(True)
+        student = flex0.extract(arch, compensation=comp).train().requires_grad_(True)
         set_seed(args.seed)
-        targs = TrainingArguments(**training_kwargs(args, os.path.join(args.out, f"separate-b{b:g}"), steps))
+        name = "separate_compensated" if compensated else "separate"
+        targs = TrainingArguments(**training_kwargs(args, os.path.join(args.out, f"{name}-b{b:g}"), steps))
         trainer = DistillationTrainer(model=student, args=targs, teacher=ctx["parent"], train_dataset=ctx["train"],
                                       data_collator=ctx["collator"])
         start = time.perf_counter()
@@ -133,7 +147,7 @@ def run_separate(ctx, args) -> dict:
         losses = block_losses(student, ctx["val_blocks"], args.eval_batch_size)
         rows[f"{b:g}"] = {**arch_row(arch, flex0.config.parent_parameters()), "loss": mean(losses), "se": se(losses),
                           "blocks": losses, "train_tokens": steps * args.batch_size * args.block_size}
-        logger.info("separate b=%g: %s -> %.4f (%.0f s)", b, arch, mean(losses), wall[f"{b:g}"])
+        logger.info("%s b=%g: %s -> %.4f (%.0f s)", name, b, arch, mean(losses), wall[f"{b:g}"])
     return {"rows": rows, "train_s": wall, "steps_per_budget": steps,
             "train_tokens": steps * n * args.batch_size * args.block_size}
 
