@@ -158,10 +158,11 @@ class Compensation:
 
 
 def kept_inputs(config, arch) -> dict[str, torch.Tensor]:
-    """The input indices of down_proj ("mlp") and o_proj ("heads") that the sub-model `arch` keeps."""
-    n_kv, d = config.num_key_value_heads, config.head_dim
-    block, kept = (config.num_attention_heads // n_kv) * d, (arch.heads // n_kv) * d
-    heads = torch.cat([torch.arange(g * block, g * block + kept) for g in range(n_kv)])
+    """The input indices of down_proj ("mlp") and o_proj ("heads") that the sub-model `arch` keeps (the columns
+    `slicing` cuts: a prefix of the neurons, a prefix of the query heads within every KV group)."""
+    from .slicing import _head_ranges
+
+    heads = torch.cat([torch.arange(a, b) for a, b in _head_ranges(config, arch.heads)])
     return {"mlp": torch.arange(arch.mlp), "heads": heads}
 
 
