@@ -52,8 +52,8 @@ def block_losses(model, blocks: torch.Tensor, batch_size: int = 4, **forward) ->
 def family(flex, grid, held_out, parent_losses, batch_size, compensation=None) -> list[dict]:
     rows = []
     for budget in grid:
-        arch = flex.architecture(budget)
         if compensation is None:
+            arch = flex.architecture(budget)
             losses = block_losses(flex, held_out, batch_size, architecture=arch)
         else:  # the extracted plain Llama, o_proj and down_proj refitted (modeling_llamaflex.compensation)
             arch = compensation.architecture(flex, budget)
