@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m modeling_llamafle
     p.add_argument("--compensate_on", nargs="+", metavar="TEXT_FILE",
                    help="refit each sub-model's o_proj and down_proj by least squares to the full model's outputs on "
                         "this text (better one-shot sub-models; the sub-model's weights are no longer a slice)")
-    p.add_argument("--num_samples", type=int, default=64, help="compensation sequences")
+    p.add_argument("--num_samples", type=int, default=256,
+                   help="compensation sequences (256 x 256 tokens fit better than 64 x 256 on SmolLM2: bench/QUALITY.md)")
     p.add_argument("--seq_len", type=int, default=256, help="tokens per compensation sequence")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--ridge", type=float, default=RIDGE, help="ridge λ, relative to the kept inputs' mean variance")

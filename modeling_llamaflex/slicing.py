@@ -173,10 +173,13 @@ def extract(flex, budget, compensation=None) -> LlamaForCausalLM:
         arch = budget
     else:
         arch = flex.architecture(budget) if compensation is None else compensation.architecture(flex, budget)
+    if compensation is not None and has_peft_layers(flex):
+        raise ValueError("compensation refits the LlamaFlex model's own weights: merge the adapter first "
+                         "(peft_model.merge_and_unload()), then collect the compensation and extract")
     state = merged_state_dict(flex) if has_peft_layers(flex) else flex.state_dict()
     gains = fold_gains(flex.model.modulation, flex.config, arch)
     tensors = sub_model_tensors(flex.config, arch, memory_reader(state), gains)
-    if compensation is not None:
+    if compensation is not None and compensation.data is None:
         compensate(flex.config, arch, tensors, state, gains, compensation)
     llama_config = flex.config.to_llama_config(**sub_model_sizes(arch))
     llama_config.dtype = flex.dtype
@@ -184,7 +187,10 @@ def extract(flex, budget, compensation=None) -> LlamaForCausalLM:
         llama = LlamaForCausalLM(llama_config)
     assign_weights(llama, tensors, flex.config.tie_word_embeddings)
     llama.generation_config = flex.generation_config
-    return llama.to(flex.device).eval()
+    llama = llama.to(flex.device).eval()
+    if compensation is not None and compensation.data is not None:
+        compensation.refit_in_context(flex, llama, arch)
+    return llama
 
 
 def assign_weights(model, tensors: dict[str, torch.Tensor], tied: bool) -> None:
