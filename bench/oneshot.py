@@ -107,9 +107,6 @@ def main(argv=None) -> dict:
     p.add_argument("--compensation_data", default=None, metavar="NxT",
                    help="the compensation's covariances from this many blocks of the calibration text (default: "
                         "the --calibration blocks)")
-    p.add_argument("--compensation_in_context", type=float, default=None, metavar="RIDGE",
-                   help="refit each compensated sub-model on its own inputs, layer by layer, with this ridge "
-                        "(Compensation.from_data(in_context=True); the search still ranks by the plain refit)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -156,13 +153,11 @@ def main(argv=None) -> dict:
                                     "rows": family(new, grid, held_out, parent_losses, args.batch_size)}
         if args.compensation_ridge:
             t0 = time.time()
-            in_context = args.compensation_in_context is not None
             blocks = calib
             if args.compensation_data:  # more blocks of the same text (the first 2M characters, evenly)
                 blocks = load_parent_and_blocks(args.parent, args.compensation_data, args.eval, eval_text=args.eval_text,
                                                 calibration_text=args.calibration_text)[1]
-            compensation = Compensation.from_data(new, blocks, args.batch_size, progress=False, in_context=in_context,
-                                                  context_ridge=args.compensation_in_context if in_context else 0.0)
+            compensation = Compensation.from_data(new, blocks, args.batch_size, progress=False)
             seconds = round(time.time() - t0, 1)
         for ridge in args.compensation_ridge:
             compensation.ridge, compensation.scores = ridge, None
@@ -171,7 +166,6 @@ def main(argv=None) -> dict:
                 compensation.score(new, score, budgets=[b for b in grid if b < 1], top_k=args.top_k,
                                    batch_size=args.batch_size, progress=False)
             label = f"{name} + compensation λ={ridge:g}" + (", same architectures" if args.compensation_same_architectures else "")
-            label += f", in context λ={args.compensation_in_context:g}" if in_context else ""
             label += f", statistics on {args.compensation_data}" if args.compensation_data else ""
             print(f"{label} (statistics {seconds}s, compensated search {time.time() - t1:.0f}s):")
             result["families"][label] = {

@@ -25,9 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from .architecture import Architecture, full_architecture, is_full, make_architecture, search_architecture
+from .architecture import Architecture, full_architecture, make_architecture, search_architecture
 from .importance import device_batches
 from .lora import has_peft_layers
 
@@ -35,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 RIDGE = 1e-4  # λ, relative to the mean of the kept units' variances; measured in bench/QUALITY.md ("Compensation")
 MIN_TOKENS_PER_INPUT = 32  # fewer calibration tokens per input column than this: a warning (QUALITY.md)
-CONTEXT_RIDGE = 1e-2  # λ of the in-context refit (`Compensation.in_context`), chosen on held-in text (QUALITY.md)
 
 
 @dataclass
@@ -47,23 +45,19 @@ class Compensation:
     heads: list[torch.Tensor]
     tokens: int
     ridge: float = RIDGE
-    data: torch.Tensor | list | None = None  # the calibration tokens, kept for `in_context` refits
-    context_ridge: float = CONTEXT_RIDGE
     scores: dict | None = None  # the compensated candidates' KL to the parent (`score`), in search's layout
     _cache: dict | None = field(default=None, repr=False)  # while scoring: (layer, kind) -> (kept, refitted weight)
 
     @classmethod
     @torch.no_grad()
-    def from_data(cls, flex, data, batch_size: int = 8, progress: bool = True, ridge: float = RIDGE,
-                  in_context: bool = False, context_ridge: float = CONTEXT_RIDGE) -> Compensation:
+    def from_data(cls, flex, data, batch_size: int = 8, progress: bool = True, ridge: float = RIDGE) -> Compensation:
         """Run the full LlamaFlex model over `data` (token ids: a tensor of blocks, or a list of sequences, as
-        for calibration) and keep the covariances. `in_context`: keep `data` too, and refit every extracted
-        sub-model on its own inputs (`refit_in_context`) instead of the full model's."""
+        for calibration) and keep the covariances."""
         if has_peft_layers(flex):
             raise ValueError("compensation needs the LlamaFlex model itself: merge the adapter first "
                              "(peft_model.merge_and_unload()), then collect the compensation")
-        if ridge < 0 or context_ridge < 0:
-            raise ValueError(f"ridge and context_ridge must be >= 0, got {ridge} and {context_ridge}")
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
         layers = flex.model.layers
         sums = {"mlp": [None] * len(layers), "heads": [None] * len(layers)}
         mask_now: dict[str, torch.Tensor] = {}
@@ -97,8 +91,7 @@ class Compensation:
             logger.warning("compensation statistics from %d tokens for projections of %d inputs: the least-squares fit "
                            "is better with at least %d (on SmolLM2, 65k tokens fit better than 16k: bench/QUALITY.md)",
                            tokens, width, MIN_TOKENS_PER_INPUT * width)
-        return cls([s / tokens for s in sums["mlp"]], [s / tokens for s in sums["heads"]], tokens, ridge,
-                   data if in_context else None, context_ridge)
+        return cls([s / tokens for s in sums["mlp"]], [s / tokens for s in sums["heads"]], tokens, ridge)
 
     def score(self, flex, data, budgets: list[float] | None = None, top_k: int = 8, batch_size: int = 8,
               progress: bool = True) -> dict:
@@ -154,49 +147,6 @@ class Compensation:
                 for weight, cols, old, rows in reversed(saved):
                     weight[:rows, cols] = old
 
-    @torch.no_grad()
-    def refit_in_context(self, flex, sub, arch: Architecture, batch_size: int = 8, progress: bool = True) -> None:
-        """Refit, in place, the o_proj and down_proj of `sub` (the plain Llama `extract` cut at `arch`) layer by
-        layer on the sub-model's *own* inputs: for every kept layer in order, with the layers before it already
-        refitted, W' = (W·C_ps + λ·W_K)·(C_ss + λ·I)⁻¹, C_ss the covariance of the sub-model's kept inputs, C_ps
-        their cross-covariance with the parent's full inputs at the same tokens, W the parent's weight, W_K its
-        kept columns (λ = context_ridge · mean diag C_ss: the fit shrinks toward the plain slice). So a layer also
-        corrects what the cuts before it changed. Projections whose inputs are not cut are left as they are.
-        Costs about two forwards of each model over the calibration data, and both models' residual streams for
-        all calibration tokens in memory."""
-        if self.data is None:
-            raise ValueError("refit_in_context needs the calibration data: Compensation.from_data(..., in_context=True)")
-        if is_full(flex.config, arch.indices):
-            return
-        kept, state = kept_inputs(flex.config, arch), flex.state_dict()
-        gains = _gains(flex, arch)
-        parent = _Layerwise(flex, flex.model.layers, self.data, batch_size, architecture=full_architecture(flex.config))
-        child = _Layerwise(sub, sub.model.layers, self.data, batch_size)
-        cut = [(kind, module) for kind, module in (("heads", "self_attn.o_proj"), ("mlp", "mlp.down_proj"))
-               if len(kept[kind]) < getattr(self, kind)[0].shape[0]]
-        kept_layers = list(arch.kept_layers)
-        for layer in tqdm(range(kept_layers[-1] + 1), desc="compensation in context", disable=not progress):
-            if layer not in kept_layers:
-                parent.advance(layer)
-                continue
-            new = kept_layers.index(layer)
-            for kind, name in cut:
-                full = state[f"model.layers.{layer}.{name}.weight"][: arch.hidden].double()
-                if gains is not None:
-                    full = full * gains[0 if kind == "heads" else 1, layer].double()
-                target = sub.get_submodule(f"model.layers.{new}.{name}")
-                c_ss, c_ps = 0, 0
-                for i, mask in enumerate(parent.masks):
-                    a_p, a_s = (x.reshape(-1, x.shape[-1]).double() for x in (parent.input(layer, name, i), child.input(new, name, i)))
-                    a_s_masked = a_s * mask.reshape(-1, 1)
-                    c_ss, c_ps = c_ss + a_s_masked.T @ a_s, c_ps + a_p.T @ a_s_masked
-                ridge = self.context_ridge * torch.diagonal(c_ss).mean()
-                lhs = c_ss + ridge * torch.eye(len(c_ss), dtype=c_ss.dtype, device=c_ss.device)
-                rhs = full @ c_ps + ridge * target.weight.double()
-                target.weight.copy_(torch.linalg.solve(lhs, rhs.T).T.to(target.weight.dtype))
-            parent.advance(layer)
-            child.advance(new)
-
     def refit(self, weight: torch.Tensor, layer: int, kind: str, kept: torch.Tensor) -> torch.Tensor:
         """(rows, len(kept)): the least-squares columns for the kept inputs `kept` of `weight` (rows, all
         inputs), the projection of `kind` ("mlp": down_proj, "heads": o_proj) in parent layer `layer`."""
@@ -214,67 +164,6 @@ class Compensation:
         if self._cache is not None:
             self._cache[(layer, kind)] = (kept, refitted)
         return refitted
-
-
-def _gains(flex, arch):
-    from .slicing import fold_gains
-
-    return fold_gains(flex.model.modulation, flex.config, arch)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward once it has seen what it needs."""
-
-
-class _Layerwise:
-    """A model's residual stream over calibration batches, advanced one decoder layer at a time: the first
-    layer's call is caught once per batch (its arguments: the mask and position embeddings the model builds),
-    and every layer is then replayed with the same arguments on the stored hidden states."""
-
-    def __init__(self, model, layers, data, batch_size: int, **forward):
-        self.layers, self.calls, self.hidden, self.masks = layers, [], [], []
-        for ids, mask in device_batches(model, data, batch_size, progress=False):
-            caught = {}
-
-            def catch(module, args, kwargs, caught=caught):
-                caught.update(args=args, kwargs=kwargs)
-                raise _Stop
-
-            handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False, **forward)
-            except _Stop:
-                pass
-            finally:
-                handle.remove()
-            self.calls.append((caught["args"][1:], caught["kwargs"]))
-            self.hidden.append(caught["args"][0])
-            self.masks.append(mask.to(torch.float64))
-
-    def _run(self, layer: int, i: int):
-        (args, kwargs), layer_module = self.calls[i], self.layers[layer]
-        out = layer_module(self.hidden[i], *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    def input(self, layer: int, name: str, i: int) -> torch.Tensor:
-        """The input of `name` (a submodule of decoder layer `layer`) in batch `i`, the layer stopped there."""
-        seen = []
-
-        def grab(module, args):
-            seen.append(args[0])
-            raise _Stop
-
-        handle = self.layers[layer].get_submodule(name).register_forward_pre_hook(grab)
-        try:
-            self._run(layer, i)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return seen[0]
-
-    def advance(self, layer: int) -> None:
-        self.hidden = [self._run(layer, i) for i in range(len(self.hidden))]
 
 
 def kept_inputs(config, arch) -> dict[str, torch.Tensor]:

@@ -179,7 +179,7 @@ def extract(flex, budget, compensation=None) -> LlamaForCausalLM:
     state = merged_state_dict(flex) if has_peft_layers(flex) else flex.state_dict()
     gains = fold_gains(flex.model.modulation, flex.config, arch)
     tensors = sub_model_tensors(flex.config, arch, memory_reader(state), gains)
-    if compensation is not None and compensation.data is None:
+    if compensation is not None:
         compensate(flex.config, arch, tensors, state, gains, compensation)
     llama_config = flex.config.to_llama_config(**sub_model_sizes(arch))
     llama_config.dtype = flex.dtype
@@ -187,10 +187,7 @@ def extract(flex, budget, compensation=None) -> LlamaForCausalLM:
         llama = LlamaForCausalLM(llama_config)
     assign_weights(llama, tensors, flex.config.tie_word_embeddings)
     llama.generation_config = flex.generation_config
-    llama = llama.to(flex.device).eval()
-    if compensation is not None and compensation.data is not None:
-        compensation.refit_in_context(flex, llama, arch)
-    return llama
+    return llama.to(flex.device).eval()
 
 
 def assign_weights(model, tensors: dict[str, torch.Tensor], tied: bool) -> None:

@@ -10,7 +10,7 @@ from conftest import arguments, dataset, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from modeling_llamaflex import LlamaFlexForCausalLM, Policy, budget_loss
+from modeling_llamaflex import Compensation, LlamaFlexForCausalLM, Policy, budget_loss
 from modeling_llamaflex.lora import ElasticLoraLinear, add_lora, flex_model, load_lora
 from modeling_llamaflex.lora import lora_config as elastic_lora_config
 from training.trainer import FlexTrainer, parameter_group
@@ -151,6 +151,18 @@ def test_gradients_reach_lora_routers_and_modulation_with_the_base_frozen(input_
         grad = q_proj.lora_B["default"].weight.grad.view(n_kv, -1, d, 4)  # (groups, heads per group, d, r)
         kept = heads // n_kv
         assert grad[:, :kept].abs().sum() > 0 and grad[:, kept:].abs().sum() == 0
+
+
+def test_compensation_is_refused_on_an_adapted_model():
+    """Least-squares compensation refits the base weights: with LoRA on, both collecting it and extracting with
+    one (collected on the base model) are refused, naming the fix."""
+    base = new_flex()
+    compensation = Compensation.from_data(base, torch.randint(3, 128, (4, 16)), progress=False)
+    model = add_lora(base, lora_config()).eval()
+    with pytest.raises(ValueError, match="merge the adapter first"):
+        Compensation.from_data(model, torch.randint(3, 128, (4, 16)), progress=False)
+    with pytest.raises(ValueError, match="merge the adapter first"):
+        model.extract(0.5, compensation=compensation)
 
 
 def test_lora_variants_and_non_llamaflex_models_are_refused(tmp_path):
