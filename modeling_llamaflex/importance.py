@@ -370,56 +370,21 @@ def greedy_removal_order(gram: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def compensated_removal_order(covariance: torch.Tensor, weight: torch.Tensor, ridge: float,
-                              group: int | None = None) -> torch.Tensor:
-    """Indices in the order a greedy removal takes them when the kept columns of `weight` (rows, n) are refitted
-    by least squares after every removal (Optimal Brain Surgeon on whole columns). With H = C + λ·mean(diag C)·I
-    and W the refitted weight, removing unit q alone adds ‖W[:, q]‖² / (H⁻¹)[q, q] to the squared error of
-    reproducing the full output; each step removes the `group` units that add least (default n // 128, at
-    least 1: n steps of O(n²) would take an hour per model on a CPU; `group=1` is the exact greedy), refits
-    the rest jointly (W −= W[:, Q]·(H⁻¹)[Q, Q]⁻¹·(H⁻¹)[Q, :]) and drops Q from H⁻¹ the same way."""
-    h = covariance.double()
-    h = h + ridge * torch.diagonal(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)
-    inverse = torch.linalg.inv(h)
-    w = weight.to(h.device, torch.float64)
-    n = h.shape[0]
-    group = max(1, n // 128) if group is None else group
-    alive = torch.arange(n, device=h.device)
-    order = []
-    while len(alive):
-        cost = w.pow(2).sum(0) / torch.diagonal(inverse)
-        q = torch.argsort(cost)[: min(group, len(alive))]
-        order.append(alive[q])
-        keep = torch.ones(len(alive), dtype=torch.bool, device=h.device)
-        keep[q] = False
-        step = torch.linalg.solve(inverse[q][:, q], inverse[q])  # (H⁻¹)[Q, Q]⁻¹·(H⁻¹)[Q, :]
-        w = (w - w[:, q] @ step)[:, keep]
-        inverse = (inverse - inverse[:, q] @ step)[keep][:, keep]
-        alive = alive[keep]
-    return torch.cat(order).cpu()
-
-
 @torch.no_grad()
 def mlp_reconstruction_scores(stats: CalibrationStatistics, down_weights: list[torch.Tensor],
-                              progress: bool = False, compensated: bool = False) -> torch.Tensor:
+                              progress: bool = False) -> torch.Tensor:
     """(layers, intermediate): each neuron's step in the greedy removal that keeps the layer's MLP output
     closest to the parent's (higher = removed later = more important). The cost of removing the set S is
     E‖Σ_{j ∈ S} a_j·w_j‖² = Σ_{j,k ∈ S} E[a_j a_k]·(w_j·w_k), from the covariance (`covariance=True`) and
-    down_proj's weights (`down_weights[l]`, (hidden, intermediate)). `compensated`: the order when the kept
-    columns are refitted by least squares after each removal (`compensated_removal_order`, the error
-    `compensation.Compensation` leaves), for sub-models extracted with compensation."""
+    down_proj's weights (`down_weights[l]`, (hidden, intermediate))."""
     if stats.mlp_covariance is None:
         raise ValueError("the reconstruction scorer needs collect_statistics(..., covariance=True)")
     scores = []
     for covariance, weight in tqdm(list(zip(stats.mlp_covariance, down_weights)), desc="MLP reconstruction order",
                                    disable=not progress):
         w = weight.to(covariance.device, torch.float32)
-        if compensated:
-            from .compensation import RIDGE
-
-            order = compensated_removal_order(covariance / stats.tokens, w, RIDGE)
-        else:
-            order = greedy_removal_order((covariance / stats.tokens) * (w.T @ w))
+        gram = (covariance / stats.tokens) * (w.T @ w)
+        order = greedy_removal_order(gram)
         score = torch.empty(len(order), dtype=torch.float64)
         score[order] = torch.arange(len(order), dtype=torch.float64)
         scores.append(score)
@@ -444,7 +409,7 @@ def layer_scores(stats: CalibrationStatistics) -> torch.Tensor:
 SCORERS = {
     "hidden": ("activation", "taylor"),
     "heads": ("activation", "taylor", "activation_weight"),
-    "mlp": ("activation", "activation_l2", "taylor", "activation_weight", "reconstruction", "compensated_reconstruction"),
+    "mlp": ("activation", "activation_l2", "taylor", "activation_weight", "reconstruction"),
     "depth": ("block_influence", "taylor", "drop_kl", "greedy_drop_kl"),
 }
 # Chosen by measurement on SmolLM2-135M (bench/importance.py; the drop-cost tables are in bench/QUALITY.md): the
@@ -454,7 +419,6 @@ SCORERS = {
 # for hidden channels the activation score costs less at the sizes the budgets use; the measured change
 # of the output when each layer is dropped beats block influence at every depth below 27 of 30.
 DEFAULT_SCORERS = {"hidden": "activation", "heads": "taylor", "mlp": "reconstruction", "depth": "drop_kl"}
-RECONSTRUCTION = ("reconstruction", "compensated_reconstruction")  # the MLP scorers that need the covariance
 
 
 def resolve_scorers(importance: str | dict | None) -> dict[str, str]:
@@ -483,9 +447,9 @@ def score_units(model, data, importance: str | dict | None = None, batch_size: i
     scorers = resolve_scorers(importance)
     needed = set(scorers.values())
     stats = {}
-    activation_scorers = {"activation", "activation_l2", "block_influence", "activation_weight", *RECONSTRUCTION}
+    activation_scorers = {"activation", "activation_l2", "block_influence", "activation_weight", "reconstruction"}
     if needed & activation_scorers:
-        collected = collect_statistics(model, data, batch_size, progress, covariance=scorers["mlp"] in RECONSTRUCTION)
+        collected = collect_statistics(model, data, batch_size, progress, covariance=scorers["mlp"] == "reconstruction")
         stats.update(dict.fromkeys(activation_scorers, collected))
     if "taylor" in needed:
         stats["taylor"] = collect_taylor_statistics(model, data, batch_size, progress)
@@ -494,11 +458,10 @@ def score_units(model, data, importance: str | dict | None = None, batch_size: i
         "heads": head_scores(stats[scorers["heads"]]),
         "mlp": mlp_scores(stats[scorers["mlp"]], "l2" if scorers["mlp"] == "activation_l2" else "mean"),
     }
-    if scorers["mlp"] in RECONSTRUCTION:
+    if scorers["mlp"] == "reconstruction":
         downs = [layer.mlp.down_proj.weight for layer in model.model.layers]
-        scores["mlp"] = mlp_reconstruction_scores(stats[scorers["mlp"]], downs, progress,
-                                                  compensated=scorers["mlp"] == "compensated_reconstruction")
-        stats[scorers["mlp"]].mlp_covariance = None  # L·F² floats: free them now
+        scores["mlp"] = mlp_reconstruction_scores(stats["reconstruction"], downs, progress)
+        stats["reconstruction"].mlp_covariance = None  # L·F² floats: free them now
     if scorers["mlp"] == "activation_weight" or scorers["heads"] == "activation_weight":
         out_norms = output_weight_norms(model)
         if scorers["mlp"] == "activation_weight":
