@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import ATOL, tiny_llama
 
 from modeling_llamaflex import Compensation, LlamaFlexForCausalLM
+from modeling_llamaflex.compensation import MIN_TOKENS_PER_INPUT
 from modeling_llamaflex.architecture import candidates, full_architecture, index_key, make_architecture
 
 
@@ -86,6 +87,19 @@ def test_compensated_sub_models_are_closer_to_the_parent():
             assert kl(flex.extract(arch, compensation=compensation)) < kl(flex.extract(arch))
         full = flex.extract(full_architecture(flex.config), compensation=compensation)
         torch.testing.assert_close(full(input_ids=data).logits, llama(input_ids=data).logits, atol=ATOL, rtol=0)
+
+
+def test_compensation_warns_when_its_statistics_hold_few_tokens(caplog):
+    flex = LlamaFlexForCausalLM.from_llama(tiny_llama())
+    width = max(flex.config.intermediate_size, flex.config.num_attention_heads * flex.config.head_dim)
+    enough = MIN_TOKENS_PER_INPUT * width
+    with caplog.at_level("WARNING", logger="modeling_llamaflex.compensation"):
+        Compensation.from_data(flex, torch.randint(3, 128, (enough // 64 - 1, 64)), progress=False)
+    assert f"the least-squares fit is better with at least {enough}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modeling_llamaflex.compensation"):
+        Compensation.from_data(flex, torch.randint(3, 128, (enough // 64, 64)), progress=False)
+    assert "least-squares" not in caplog.text
 
 
 def test_compensation_refuses_bad_input():
