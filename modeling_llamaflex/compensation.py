@@ -101,12 +101,11 @@ class Compensation:
         width cuts, so the best architecture can differ). The model's own scores are left as they are."""
         from .search import score_architectures
 
-        saved = flex.config.architecture_scores
         self._cache = {}  # the weights do not change while scoring, and candidates come sorted by their widths
         try:
-            self.scores = score_architectures(flex, data, budgets, top_k, batch_size, progress, compensation=self)
+            with _own_scores_kept(flex.config):  # score_architectures stores what it measured in the config
+                self.scores = score_architectures(flex, data, budgets, top_k, batch_size, progress, compensation=self)
         finally:
-            flex.config.architecture_scores = saved
             self._cache = None
         return self.scores
 
@@ -116,11 +115,9 @@ class Compensation:
         base = flex.architecture(budget)
         if self.scores is None or base.budget is None or base.budget >= 1:
             return base
-        saved, flex.config.architecture_scores = flex.config.architecture_scores, self.scores
-        try:
+        with _own_scores_kept(flex.config):
+            flex.config.architecture_scores = self.scores  # the search reads the scores from the config
             indices, note = search_architecture(flex.config, base.budget)
-        finally:
-            flex.config.architecture_scores = saved
         return make_architecture(flex.config, indices, budget=base.budget, target_parameters=base.target_parameters,
                                  note=f"compensated one-shot: {note}")
 
@@ -164,6 +161,16 @@ class Compensation:
         if self._cache is not None:
             self._cache[(layer, kind)] = (kept, refitted)
         return refitted
+
+
+@contextmanager
+def _own_scores_kept(config) -> Iterator[None]:
+    """The model's own `config.architecture_scores` are back in place when the block ends."""
+    saved = config.architecture_scores
+    try:
+        yield
+    finally:
+        config.architecture_scores = saved
 
 
 def kept_inputs(config, arch) -> dict[str, torch.Tensor]:
