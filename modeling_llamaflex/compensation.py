@@ -53,9 +53,7 @@ class Compensation:
     def from_data(cls, flex, data, batch_size: int = 8, progress: bool = True, ridge: float = RIDGE) -> Compensation:
         """Run the full LlamaFlex model over `data` (token ids: a tensor of blocks, or a list of sequences, as
         for calibration) and keep the covariances."""
-        if has_peft_layers(flex):
-            raise ValueError("compensation needs the LlamaFlex model itself: merge the adapter first "
-                             "(peft_model.merge_and_unload()), then collect the compensation")
+        refuse_adapted(flex)
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
         layers = flex.model.layers
@@ -161,6 +159,14 @@ class Compensation:
         if self._cache is not None:
             self._cache[(layer, kind)] = (kept, refitted)
         return refitted
+
+
+def refuse_adapted(flex) -> None:
+    """Compensation reads and refits the LlamaFlex model's own weights: a PEFT-adapted model is refused, both
+    when collecting the statistics and when extracting with them."""
+    if has_peft_layers(flex):
+        raise ValueError("compensation needs the LlamaFlex model itself: merge the adapter first "
+                         "(peft_model.merge_and_unload()), then collect the compensation and extract")
 
 
 @contextmanager

@@ -169,13 +169,14 @@ def extract(flex, budget, compensation=None) -> LlamaForCausalLM:
     the full width's outputs on its calibration tokens (a one-shot sub-model's quality; not nested), and a
     budget takes the best compensated architecture if the compensation was scored (`Compensation.score`).
     """
+    if compensation is not None:
+        from .compensation import refuse_adapted
+
+        refuse_adapted(flex)  # before any work: the check from_data makes
     if isinstance(budget, Architecture):
         arch = budget
     else:
         arch = flex.architecture(budget) if compensation is None else compensation.architecture(flex, budget)
-    if compensation is not None and has_peft_layers(flex):
-        raise ValueError("compensation refits the LlamaFlex model's own weights: merge the adapter first "
-                         "(peft_model.merge_and_unload()), then collect the compensation and extract")
     state = merged_state_dict(flex) if has_peft_layers(flex) else flex.state_dict()
     gains = fold_gains(flex.model.modulation, flex.config, arch)
     tensors = sub_model_tensors(flex.config, arch, memory_reader(state), gains)
