@@ -122,6 +122,19 @@ def line_check(res: dict, budgets: list[float], x: str = "budget") -> list[dict]
     return out
 
 
+def chord_gaps(res: dict, budgets: list[float]) -> list[tuple[float, float]]:
+    """How convex the trained points are: each inner trained sub-model's loss below the straight line (in exported
+    size) between its two neighbours (the full model at 1). Between two adjacent trained sizes a convex curve
+    through them sits about a quarter of this below their chord (for a parabola, exactly): the most an untrained
+    sub-model between them may lose to being less trained and still be on the line."""
+    pts = [(res["rows"][f"{b:g}"]["fraction"], res["rows"][f"{b:g}"]["loss"], b) for b in sorted(budgets)]
+    pts.append((1.0, res["grid"][f"{1.0:.4g}"]["loss"], 1.0))
+    out = []
+    for (x0, y0, _), (x1, y1, b), (x2, y2, _) in zip(pts, pts[1:], pts[2:]):
+        out.append((b, y0 + (x1 - x0) / (x2 - x0) * (y2 - y0) - y1))
+    return out
+
+
 COMPENSATED = ("oneshot_compensated", "separate_compensated")  # opt-in baselines (--compensated)
 
 
@@ -181,6 +194,12 @@ def tables(results: dict, meta: dict, names: list[str]) -> str:
         out.append(f"\nLargest rise from one grid budget to the next larger: {worst:+.4f}; largest excess over the line: "
                    f"{above['above_line']:+.4f} ± {above['se']:.4f} (at {above['budget']:.4g}); in size: "
                    f"{above_size['above_line']:+.4f} ± {above_size['se']:.4f} (at {above_size['budget']:.4g}).\n")
+        out.append("What the line leaves to spare: each inner trained sub-model lies below the chord of its outer "
+                   "neighbours (in size) by " + ", ".join(f"{b:g}: {g:+.4f}" for b, g in chord_gaps(res, budgets))
+                   + "; a convex curve through the trained points sits about a quarter of that below the chord of "
+                   "two adjacent ones. Exported size / budget: trained " + ", ".join(
+                       f"{res['rows'][f'{b:g}']['fraction'] / b:.3f}" for b in budgets) + "; grid " + ", ".join(
+                       f"{c['row']['fraction'] / c['budget']:.3f}" for c in by_budget if c["budget"] < 1) + ".\n")
     mods = [(n, n + "_nomod") for n in names if n + "_nomod" in results and not n.endswith("_nomod")]
     for a, b in mods:
         out.append(f"### Modulation ablation: {a} against {b} (same starting weights, same architectures)\n")
@@ -278,8 +297,12 @@ def main(argv=None) -> dict:
     p.add_argument("--flex", default="exported", help="the variant reported as 'flex' in --json (the default recipe)")
     p.add_argument("--skip", nargs="*", default=[], help="methods not to run: oneshot, separate, router_interpolation")
     p.add_argument("--compensated", action="store_true",
-                   help="also the baselines with least-squares compensation (modeling_llamaflex.Compensation on the "
-                        "calibration blocks, same architectures): oneshot_compensated, separate_compensated")
+                   help="also the baselines with least-squares compensation (modeling_llamaflex.Compensation, same "
+                        "architectures): oneshot_compensated, separate_compensated")
+    p.add_argument("--compensation_blocks", type=int, default=256,
+                   help="the compensation's covariances from the first N training blocks (default 256, as "
+                        "`extract --compensate_on`; session 9's runs used the 16 calibration blocks: too few tokens "
+                        "per refitted input, see QUALITY.md)")
     p.add_argument("--reuse", action="store_true")
     p.add_argument("--rescore", action="store_true",
                    help="after each elastic run, score the candidates again on the trained weights and measure the grid "
@@ -331,19 +354,22 @@ def main(argv=None) -> dict:
                 {b: str(flex0.architecture(b)) for b in args.budgets})
     ctx = {"parent": parent, "flex0": flex0, "train": data["train"], "val_blocks": val_blocks, "grid": grid,
            "collator": lm_data_collator(tokenizer), "score": score, "calibration": calibration,
+           "compensation_data": torch.tensor(data["train"][: args.compensation_blocks]["input_ids"]),
            "oneshot_arch": {b: flex0.architecture(b) for b in args.budgets}}
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("variants", "flex", "skip", "reuse", "out", "json", "plot", "threads", "rescore", "compensated")
+                if k not in ("variants", "flex", "skip", "reuse", "out", "json", "plot", "threads", "rescore", "compensated",
+                             "compensation_blocks")
                 and (k != "choices" or v)}  # (results made before --choices existed stay reusable)
     results = {}
     baselines = ("oneshot", "separate", "router_interpolation") + (COMPENSATED if args.compensated else ())
     todo = [m for m in baselines if m not in args.skip] + list(args.variants)
     for name in todo:
         path = os.path.join(args.out, f"results-{name}.json")
+        own = {**settings, "compensation_blocks": args.compensation_blocks} if name in COMPENSATED else settings
         if args.reuse and os.path.exists(path):
             with open(path) as fh:
                 stored = json.load(fh)
-            if stored.get("settings") == settings:
+            if stored.get("settings") == own:
                 results[name] = stored
                 logger.info("reusing %s", path)
                 continue
@@ -357,7 +383,7 @@ def main(argv=None) -> dict:
             res = router_interpolation(ctx, args)
         else:
             res = run_flex(ctx, args, name, variant(name))
-        res["settings"], res["wall_s"], res["load_average"] = settings, round(time.perf_counter() - start, 1), os.getloadavg()
+        res["settings"], res["wall_s"], res["load_average"] = own, round(time.perf_counter() - start, 1), os.getloadavg()
         results[name] = res
         with open(path + ".tmp", "w") as fh:
             json.dump(res, fh)

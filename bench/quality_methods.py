@@ -112,15 +112,15 @@ def training_kwargs(args, output_dir: str, steps: int, accumulation: int = 1) ->
 
 
 def compensation(ctx):
-    """The least-squares compensation of the converted model on the calibration blocks (computed once)."""
+    """The least-squares compensation of the converted model on the `--compensation_blocks` (computed once)."""
     if "compensation" not in ctx:
-        ctx["compensation"] = Compensation.from_data(ctx["flex0"], ctx["calibration"], progress=False)
+        ctx["compensation"] = Compensation.from_data(ctx["flex0"], ctx["compensation_data"], progress=False)
     return ctx["compensation"]
 
 
 def run_oneshot(ctx, args, compensated: bool = False) -> dict:
     """The one-shot sub-models of the trained budgets; `compensated`: the same architectures, extracted with
-    least-squares compensation on the calibration blocks (modeling_llamaflex.Compensation)."""
+    least-squares compensation (modeling_llamaflex.Compensation on `--compensation_blocks` training blocks)."""
     flex0, comp = ctx["flex0"], compensation(ctx) if compensated else None
     return {"rows": {f"{b:g}": measure_sub(flex0, ctx["oneshot_arch"][b], ctx["val_blocks"], args.eval_batch_size,
                                            compensation=comp) for b in args.budgets}}
