@@ -35,6 +35,7 @@ import torch
 from bench.common import CHOICES_HELP, ensure_shakespeare, parse_choices
 from bench.quality_methods import block_losses, mean, paired, router_interpolation, run_flex, run_oneshot, run_separate, se
 from modeling_llamaflex import LlamaFlexForCausalLM
+from modeling_llamaflex.search import ROUTER_FIT_POINTS
 from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, resolve_parent
 from training.data import DataArguments, build_lm_datasets, lm_data_collator
 
@@ -366,6 +367,8 @@ def main(argv=None) -> dict:
     for name in todo:
         path = os.path.join(args.out, f"results-{name}.json")
         own = {**settings, "compensation_blocks": args.compensation_blocks} if name in COMPENSATED else settings
+        if name not in baselines and variant(name).get("fit_routers") == "oneshot_dense":  # (41 before 2026-12-08)
+            own = {**own, "router_fit_points": ROUTER_FIT_POINTS}
         if args.reuse and os.path.exists(path):
             with open(path) as fh:
                 stored = json.load(fh)

@@ -160,7 +160,7 @@ def variant_model(ctx, variant: dict) -> LlamaFlexForCausalLM:
     embedding = variant.get("router_budget_embedding", "sinusoidal")
     # "oneshot": the routers start at the one-shot export at the trained budgets (what `separate` trains; a
     # smaller architecture that scored better may be taken); "oneshot_dense": the same, and between the trained
-    # budgets the best within tolerance at conversion's 41 budgets (`search.router_fit_family`); "within": conversion's fit
+    # budgets the best within tolerance at conversion's ROUTER_FIT_POINTS budgets (`search.router_fit_family`); "within": conversion's fit
     fit = variant.get("fit_routers", "within")
     family = {b: (ctx["oneshot_arch"][b].indices if fit.startswith("oneshot") else
                   search_architecture(flex0.config, b, allow_smaller=False)[0]) for b in flex0.config.budgets if b < 1}

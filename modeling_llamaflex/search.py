@@ -125,7 +125,12 @@ def format_scores(config, budgets: list[float] | None = None) -> str:
     return "\n".join(lines)
 
 
-ROUTER_FIT_POINTS = 41  # budgets between the smallest trained one and 1 that conversion fits the routers at
+# budgets between the smallest trained one and 1 that conversion (and refit_routers) fit the routers at: every
+# 0.3% of the parent for trained budgets from 0.5, finer than any grid a family is evaluated on, so that a budget
+# fitted nowhere lies within 0.16% of a fitted one and takes its architecture (bench/QUALITY.md: with 41 points the
+# routers' own argmax missed 5 of 30 grid budgets on SmolLM2 straight after conversion, with 161 one; the fit is
+# one batch, 1 to 2 seconds either way)
+ROUTER_FIT_POINTS = 161
 
 
 def router_fit_family(config, points: int = ROUTER_FIT_POINTS, trained: dict[float, dict[str, int]] | None = None) -> dict[float, dict[str, int]]:

@@ -17,7 +17,7 @@ from modeling_llamaflex.architecture import (
 )
 from modeling_llamaflex.configuration_llamaflex import AXES
 from modeling_llamaflex.slicing import sub_model_sizes
-from modeling_llamaflex.search import router_fit_family
+from modeling_llamaflex.search import ROUTER_FIT_POINTS, router_fit_family
 
 
 def calibration(n: int = 8, length: int = 16, seed: int = 5) -> torch.Tensor:
@@ -95,20 +95,21 @@ def test_untrained_routers_do_not_choose_but_are_fitted_to_the_family():
 
 
 def test_routers_are_fitted_between_trained_budgets_too():
-    """Conversion fits the routers at 41 budgets from the smallest trained one to 1 as well: their own argmax is
-    the search's best within tolerance at each, and on budget more often at budgets fitted nowhere (midway
-    between those) than routers fitted at the trained budgets only, which are a step function between them."""
+    """Conversion fits the routers at ROUTER_FIT_POINTS (161) budgets from the smallest trained one to 1 as well:
+    their own argmax is the search's best within tolerance at each, and on budget more often at budgets fitted
+    nowhere (midway between those of a 41-point fit) than routers fitted at the trained budgets only, which are a
+    step function between them."""
     between = [0.5 + 0.5 * (i + 0.5) / 40 for i in range(40)]
     on_budget = {}
-    for points in (0, 41):
+    for points in (0, ROUTER_FIT_POINTS):
         flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), calibration(), progress=False, router_fit_points=points)
         family = router_fit_family(flex.config, points)
         flex.model.router.trained_steps.fill_(1)
         for b, indices in family.items():
             assert flex.architecture(b).indices == indices, (points, b)
         on_budget[points] = sum(flex.architecture(b).note == "router" for b in between)
-    assert len(family) == 40 and set(flex.config.budgets) - {1.0} <= set(family)  # 0.5, 0.5125, ..., 0.9875
-    assert on_budget[41] > on_budget[0], on_budget
+    assert len(family) == 160 and set(flex.config.budgets) - {1.0} <= set(family)  # 0.5, 0.503125, ..., 0.996875
+    assert on_budget[ROUTER_FIT_POINTS] > on_budget[0], on_budget
 
 
 @pytest.mark.parametrize("heads, kv, hidden", [(8, 2, 64), (9, 3, 72), (6, 2, 48)])
