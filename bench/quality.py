@@ -161,6 +161,13 @@ def tables(results: dict, meta: dict, names: list[str]) -> str:
         out.append("Against separate distillation from the compensated one-shot sub-models (same architectures): "
                    + "; ".join(f"{n}: " + ", ".join(f"{b:g}: {diff(results[n]['rows'][f'{b:g}'], results['separate_compensated']['rows'][f'{b:g}'])}"
                                                   for b in budgets) for n in names) + ".\n")
+        for n in (n for n in names if "compensated" in results[n]):
+            rows = results[n]["compensated"]["rows"]
+            out.append(f"{n}'s exports compensated after training (statistics of the trained model; "
+                       f"{results[n]['compensated']['seconds']:.0f} s): " + ", ".join(
+                           f"{b:g}: {fmt(rows[f'{b:g}']['loss'], rows[f'{b:g}']['se'])} ({diff(rows[f'{b:g}'], results['separate_compensated']['rows'][f'{b:g}'])} "
+                           f"vs separate_compensated, {diff(rows[f'{b:g}'], results[n]['rows'][f'{b:g}'])} vs uncompensated)"
+                           for b in budgets) + ".\n")
     for n in names:
         res = results[n]
         out.append(f"### {n}: {res['variant']}\n")
@@ -366,7 +373,9 @@ def main(argv=None) -> dict:
     todo = [m for m in baselines if m not in args.skip] + list(args.variants)
     for name in todo:
         path = os.path.join(args.out, f"results-{name}.json")
-        own = {**settings, "compensation_blocks": args.compensation_blocks} if name in COMPENSATED else settings
+        own = settings  # (variants measured --compensated also measure their own exports compensated)
+        if name in COMPENSATED or (args.compensated and name not in baselines):
+            own = {**settings, "compensation_blocks": args.compensation_blocks}
         if name not in baselines and variant(name).get("fit_routers") == "oneshot_dense":  # (41 before 2026-12-08)
             own = {**own, "router_fit_points": ROUTER_FIT_POINTS}
         if args.reuse and os.path.exists(path):

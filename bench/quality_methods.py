@@ -261,6 +261,11 @@ def run_flex(ctx, args, name: str, variant: dict) -> dict:
     }
     if rescored is not None:
         result["rescored"] = rescored
+    if args.compensated:  # the trained family's exports refitted by least squares too (statistics of the trained model)
+        start = time.perf_counter()
+        comp = Compensation.from_data(flex, ctx["compensation_data"], progress=False)
+        result["compensated"] = {"rows": {f"{b:g}": measure_sub(flex, b, vb, bs, compensation=comp) for b in args.budgets},
+                                 "seconds": round(time.perf_counter() - start, 1)}
     logger.info("%s: %s; full %.4f; router agrees %s; %s", name,
                 {b: round(r["loss"], 4) for b, r in rows.items()}, mean(full), result["router_agrees"], dict(kinds))
     return result

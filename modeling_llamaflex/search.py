@@ -158,16 +158,17 @@ def router_fit_budgets(budgets, points: int = ROUTER_FIT_POINTS) -> list[float]:
 
 
 def fit_routers(flex, architectures: dict[float, dict[str, int]], steps: int = 3000, lr: float = 1e-2,
-                progress: bool = False, min_steps: int = 400) -> dict[float, bool]:
+                progress: bool = False, min_steps: int = 400, router=None) -> dict[float, bool]:
     """Initialise the routers so that their argmax at each budget is the given architecture's choice.
 
     Cross-entropy of each axis's (normalised) logits against the target index, Adam on the router only, all
     budgets in one batch, for at least `min_steps` and then until every argmax matches (checked every 100 steps)
     or `steps`; budget 1 maps to the full model. Returns, per budget, whether the argmax now matches on every axis. (41 budgets whose targets
     alternate between neighbouring depths took 400 to 1,000 steps on SmolLM2; a few seconds on a CPU.)
+    `router`: fit this module instead of the model's own (a plain copy, where the model's is partitioned by ZeRO-3).
     """
     config = flex.config
-    router = active_copy(flex.model.router)  # under PEFT, the copy that runs
+    router = router if router is not None else active_copy(flex.model.router)  # under PEFT, the copy that runs
     targets = dict(architectures)
     targets.setdefault(1.0, full_architecture(config).indices)
     device = next(router.parameters()).device

@@ -59,6 +59,13 @@ def trained_under_zero3(root: Path) -> None:
     assert summary["world_size"] == 2 and summary["zero3_partitioned"], summary
     ranks = [json.loads((root / "runs" / "flex-zero3" / "logs" / f"samples-rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] and ranks[0] == ranks[1]
+    # cpu.yaml refits the routers when training ends (refit_routers): written into the partitioned router, the
+    # saved routers' own argmax is the export at every trained budget
+    from modeling_llamaflex import LlamaFlexForCausalLM
+
+    flex = LlamaFlexForCausalLM.from_pretrained(root / "runs" / "flex-zero3")
+    assert flex.model.router.trained_steps > 0
+    assert [flex.architecture(b).note for b in flex.config.budgets if b < 1] == ["router"] * 4
 
 
 HOW: list[tuple[str, How]] = [  # (regular expression matched against the whole command, how); document order

@@ -154,7 +154,7 @@ def test_refit_routers_makes_the_exported_family_the_routers_own(tmp_path):
     `refit_routers` fits them to what the model exports at the end of training: afterwards the routers' own argmax
     is the export at every fitted budget and the export there is unchanged. `refit_routers: true` does it
     through the callback before the trainer returns."""
-    from modeling_llamaflex.search import router_fit_budgets
+    from modeling_llamaflex.search import ROUTER_FIT_POINTS, router_fit_budgets
 
     def run(out, **extra):
         flex = LlamaFlexForCausalLM.from_llama(tiny_llama(), budgets=[0.5, 0.75])
@@ -167,7 +167,7 @@ def test_refit_routers_makes_the_exported_family_the_routers_own(tmp_path):
 
     flex, trainer = run("plain")
     fitted = sorted({0.5, 0.75} | set(router_fit_budgets([0.5, 0.75])))
-    assert len(fitted) == 40
+    assert len(fitted) == ROUTER_FIT_POINTS - 1  # 0.5, 0.503125, ..., 0.996875 (1 is the parent)
     before = {b: flex.architecture(b).indices for b in fitted}
     drifted = [b for b in fitted if router_argmax(flex, b) != before[b]]
     assert drifted, "the routers did not drift: this test could not fail"

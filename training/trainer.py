@@ -285,16 +285,21 @@ class FlexTrainingMixin:
 
         flex = self.flex
         budgets = sorted({b for b in self.budgets if b < 1} | set(router_fit_budgets(self.budgets)))
-        with gathered(flex.model.router, modify=True):
+        with gathered(flex.model.router):
             family = {b: flex.architecture(b).indices for b in budgets}
-            # from fresh weights, as at conversion: trained routers can be saturated (normalised logits whose raw
-            # scale has grown), where a few thousand small Adam steps no longer move the argmax
-            router = active_copy(flex.model.router)
-            trained_steps = router.trained_steps.clone()
-            with torch.no_grad():
-                router.apply(flex._init_weights)
-                router.trained_steps.copy_(trained_steps)
-            matched = fit_routers(flex, family)
+        # from fresh weights, as at conversion: trained routers can be saturated (normalised logits whose raw scale
+        # has grown), where a few thousand small Adam steps no longer move the argmax. The fit runs on a plain
+        # module (under ZeRO-3 the model's router re-partitions its weights after every forward, even when
+        # gathered), then its weights are written into the router that runs (PEFT: the active copy); the router's
+        # step count is kept
+        live = active_copy(flex.model.router)
+        weight = next(live.parameters())
+        fresh = type(live)(flex.config).to(device=weight.device, dtype=weight.dtype)
+        fresh.apply(flex._init_weights)
+        matched = fit_routers(flex, family, router=fresh)
+        with gathered(flex.model.router, modify=True), torch.no_grad():
+            for name, param in live.named_parameters():
+                param.copy_(fresh.get_parameter(name))
         missed = [b for b, ok in matched.items() if not ok]
         if missed:
             logger.warning("refit_routers: the routers' argmax misses the exported sub-model at budgets %s", missed)
