@@ -235,9 +235,13 @@ def short_arch(r: dict) -> str:
 def summary(results: dict, meta: dict, flex: str) -> dict:
     """The layout of bench/results/quality_<parent>.json (issue 12)."""
     loss = lambda name: {k: r["loss"] for k, r in results[name]["rows"].items()} if name in results else {}
+    # the modulation ablation: flex against <flex>_nomod, or else the first variant measured both ways (named)
+    pairs = [n for n in results if n + "_nomod" in results]
+    ablated = flex if flex in pairs else (pairs[0] if pairs else flex)
     out = {"parent": meta["parent"], "parent_loss": meta["parent_loss"], "tokens_per_method": meta["tokens_per_method"],
+           "modulation_ablation": {"with": ablated, "without": ablated + "_nomod"},
            "methods": {"oneshot": loss("oneshot"), "separate": loss("separate"), "flex": loss(flex),
-                       "flex_no_modulation": loss(flex + "_nomod"),
+                       "flex_no_modulation": loss(ablated + "_nomod"),
                        **{m: loss(m) for m in COMPENSATED if m in results}},
            "grid": {k: r["loss"] for k, r in results[flex]["grid"].items()} if flex in results else {},
            "router_agrees": bool(results.get(flex, {}).get("router_agrees", False)),
