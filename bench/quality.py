@@ -68,6 +68,10 @@ VARIANTS = {
     "exported_dense_between_frozen": dict(full_budget_probability=0.2, hard_sample_probability=1.0,
                                           hard_samples="exported", interpolated_budget_probability=0.5,
                                           fit_routers="oneshot_dense", budget_loss_weight=0.0),
+    # the CPU recipes since session 11: as "exported_dense" with the routers held at conversion's fit (no budget loss)
+    # and refitted to the exported family when training ends
+    "exported_dense_frozen": dict(full_budget_probability=0.2, hard_sample_probability=1.0, hard_samples="exported",
+                                  fit_routers="oneshot_dense", budget_loss_weight=0.0, refit_routers=True),
     # sandwich rule: every optimizer step trains the full model, the smallest budget and a random other one
     "sandwich": dict(sampling_rule="sandwich", hard_sample_probability=1.0, hard_samples="exported",
                      fit_routers="oneshot"),
