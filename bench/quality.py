@@ -381,9 +381,8 @@ def main(argv=None) -> dict:
     todo = [m for m in baselines if m not in args.skip] + list(args.variants)
     for name in todo:
         path = os.path.join(args.out, f"results-{name}.json")
-        own = settings  # (variants measured --compensated also measure their own exports compensated)
-        if name in COMPENSATED or (args.compensated and name not in baselines):
-            own = {**settings, "compensation_blocks": args.compensation_blocks}
+        # (a variant run with --compensated also measures its exports compensated; without, it is reused as it is)
+        own = {**settings, "compensation_blocks": args.compensation_blocks} if name in COMPENSATED else settings
         if name not in baselines and variant(name).get("fit_routers") == "oneshot_dense":  # (41 before 2026-12-08)
             own = {**own, "router_fit_points": ROUTER_FIT_POINTS}
         if args.reuse and os.path.exists(path):
