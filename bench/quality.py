@@ -35,8 +35,8 @@ import torch
 from bench.common import CHOICES_HELP, ensure_shakespeare, parse_choices
 from bench.quality_methods import block_losses, mean, paired, router_interpolation, run_flex, run_oneshot, run_separate, se
 from modeling_llamaflex import LlamaFlexForCausalLM
-from modeling_llamaflex.search import ROUTER_FIT_POINTS
 from modeling_llamaflex.parents import load_parent_model, load_parent_tokenizer, resolve_parent
+from modeling_llamaflex.search import ROUTER_FIT_POINTS
 from training.data import DataArguments, build_lm_datasets, lm_data_collator
 
 logger = logging.getLogger("bench.quality")
@@ -383,7 +383,8 @@ def main(argv=None) -> dict:
         path = os.path.join(args.out, f"results-{name}.json")
         # (a variant run with --compensated also measures its exports compensated; without, it is reused as it is)
         own = {**settings, "compensation_blocks": args.compensation_blocks} if name in COMPENSATED else settings
-        if name not in baselines and variant(name).get("fit_routers") == "oneshot_dense":  # (41 before 2026-12-08)
+        spec = {} if name in baselines else variant(name)  # the dense fit and the refit both use the fit points
+        if spec.get("fit_routers") == "oneshot_dense" or spec.get("refit_routers"):  # (41 before 2026-12-08)
             own = {**own, "router_fit_points": ROUTER_FIT_POINTS}
         if args.reuse and os.path.exists(path):
             with open(path) as fh:
